@@ -1,0 +1,384 @@
+"""Typed configuration: dataclasses are the schema, YAML holds values, the CLI adds dotted overrides.
+
+`load_config("configs/x.yaml", ["train.lr=2e-4"])` returns a fully typed `Config`. Every problem a
+config can have on its own (unknown key, wrong type, impossible value, inconsistent pair) raises a
+`ConfigError` naming the key and what would be valid, before any model or dataset is touched.
+Checks that need a component's own config file (the VAE's downsampling factor, the text encoder's
+width) live in `ldm.components.check_components`, which reads those files without loading weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+
+Sampler = Literal["ddpm", "ddim", "dpm++", "euler", "euler-a", "unipc", "heun"]
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and what would be valid."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VAEConfig:
+    path: Optional[str] = "stabilityai/sd-vae-ft-mse"  # Hub id or local folder (AutoencoderKL)
+    subfolder: Optional[str] = None
+    # fp32 by default: the SD VAE overflows in fp16 and turns whole batches into NaN.
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+@dataclass
+class TextEncoderConfig:
+    path: str = "openai/clip-vit-large-patch14"  # Hub id or local folder (tokenizer + encoder)
+    subfolder: Optional[str] = None  # e.g. "text_encoder" inside a pipeline folder
+    tokenizer_subfolder: Optional[str] = None
+    max_length: Optional[int] = None  # tokens; None keeps the tokenizer's own limit (77 for CLIP)
+
+
+@dataclass
+class UNetConfig:
+    path: Optional[str] = None  # load a pretrained UNet; None builds one from the fields below
+    subfolder: Optional[str] = None
+    # One entry per resolution level, highest resolution first (the SD-1.5 layout by default).
+    block_out_channels: list[int] = field(default_factory=lambda: [320, 640, 1280, 1280])
+    cross_attention: list[bool] = field(default_factory=lambda: [True, True, True, False])
+    layers_per_block: int = 2
+    attention_head_dim: int = 8
+    transformer_layers_per_block: int = 1
+    norm_num_groups: int = 32
+    cross_attention_dim: Optional[int] = None  # None: derived from the text encoder's width
+
+
+@dataclass
+class SchedulerConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    rescale_betas_zero_snr: bool = False
+
+
+@dataclass
+class ModelConfig:
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass
+class ShapesConfig:
+    num_images: int = 4096
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # "shapes" (built in), a local folder (imagefolder with metadata.jsonl/.csv) or a Hub dataset name.
+    dataset: str = "shapes"
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "text"
+    resolution: int = 512
+    center_crop: bool = True
+    # Off by default: a flipped image contradicts captions that say "left" or "right".
+    random_flip: bool = False
+    caption_dropout: float = 0.1  # the empty caption teaches the unconditional model CFG needs
+    max_samples: Optional[int] = None
+    num_workers: int = 0
+    # Encode latents and prompt embeddings once, before training (small datasets, no random crop).
+    precompute: bool = False
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/text2img"
+    seed: int = 0
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # per process and micro-batch
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-4
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    snr_gamma: Optional[float] = None  # min-SNR-γ loss weighting (Hang et al. 2023); 5.0 is typical
+    ema_decay: Optional[float] = 0.9999  # None disables EMA
+    ema_for_export: bool = True  # export (and validate) the EMA weights when EMA is on
+    log_every: int = 10
+    validate_every: int = 500  # 0 disables the periodic validation grid
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = field(default_factory=lambda: ["a photograph of an astronaut riding a horse"])
+    negative_prompt: Optional[str] = None
+    sampler: Sampler = "dpm++"
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    seed: int = 0
+    num_images_per_prompt: int = 1
+    batch_size: int = 16
+
+
+@dataclass
+class AutoencoderConfig:
+    """Stage 1: train an AutoencoderKL on the configured data (LDM paper, sec. 3)."""
+
+    output_dir: str = "outputs/vae"
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    max_steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    num_validation_images: int = 128
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Building typed values from plain YAML data
+# --------------------------------------------------------------------------------------------
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_describe(a) for a in inner) + " or null"
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it in its typed form."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected {_describe(tp)}, got {value!r}")
+        return _build(tp, value, key)
+    if origin is typing.Union:
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"config key '{key}': {value!r} is not valid; choose one of {', '.join(map(repr, choices))}"
+            )
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected {_describe(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }[tp](value)
+    if not ok:
+        raise ConfigError(f"config key '{key}': expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
+    return float(value) if tp is float else value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            where = f"'{prefix}'" if prefix else "the top level"
+            raise ConfigError(f"unknown config key '{full}'.{hint} Valid keys in {where}: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' holds a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=2e-4' -> ('train.lr', 0.0002). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.lr=2e-4)")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number the user meant.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read YAML (or start from defaults), apply dotted overrides, type-check and validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist (see configs/ for examples)")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (model, data, train…)")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree)
+    check_config(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation that needs no component files
+# --------------------------------------------------------------------------------------------
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def check_config(cfg: Config) -> None:
+    m, d, t, s, a = cfg.model, cfg.data, cfg.train, cfg.sample, cfg.autoencoder
+    u = m.unet
+    _require(len(u.block_out_channels) >= 1, "model.unet.block_out_channels", "needs at least one level")
+    _require(
+        len(u.cross_attention) == len(u.block_out_channels),
+        "model.unet.cross_attention",
+        f"needs one entry per level of block_out_channels ({len(u.block_out_channels)}), got {len(u.cross_attention)}",
+    )
+    for i, ch in enumerate(u.block_out_channels):
+        _require(
+            ch > 0 and ch % u.norm_num_groups == 0,
+            f"model.unet.block_out_channels[{i}]",
+            f"{ch} must be a positive multiple of model.unet.norm_num_groups ({u.norm_num_groups})",
+        )
+        if u.cross_attention[i] or i == len(u.block_out_channels) - 1:
+            _require(
+                ch % u.attention_head_dim == 0,
+                f"model.unet.block_out_channels[{i}]",
+                f"{ch} must be divisible by model.unet.attention_head_dim ({u.attention_head_dim})",
+            )
+    for key, val in [("model.unet.layers_per_block", u.layers_per_block),
+                     ("model.unet.attention_head_dim", u.attention_head_dim),
+                     ("model.unet.transformer_layers_per_block", u.transformer_layers_per_block),
+                     ("model.scheduler.num_train_timesteps", m.scheduler.num_train_timesteps),
+                     ("data.resolution", d.resolution), ("train.max_steps", t.max_steps),
+                     ("train.batch_size", t.batch_size),
+                     ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+                     ("sample.num_inference_steps", s.num_inference_steps),
+                     ("sample.num_images_per_prompt", s.num_images_per_prompt),
+                     ("sample.batch_size", s.batch_size), ("autoencoder.max_steps", a.max_steps),
+                     ("autoencoder.batch_size", a.batch_size), ("autoencoder.latent_channels", a.latent_channels),
+                     ("data.shapes.num_images", d.shapes.num_images), ("train.log_every", t.log_every)]:
+        _require(val > 0, key, f"must be a positive integer, got {val}")
+    _require(0 < m.scheduler.beta_start < m.scheduler.beta_end < 1, "model.scheduler.beta_start",
+             f"need 0 < beta_start < beta_end < 1, got {m.scheduler.beta_start} and {m.scheduler.beta_end}")
+    _require(0.0 <= d.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}")
+    _require(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
+    _require(a.lr > 0, "autoencoder.lr", f"must be positive, got {a.lr}")
+    _require(t.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be ≥ 0")
+    _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be ≥ 0 (0 disables clipping)")
+    _require(t.validate_every >= 0, "train.validate_every", "must be ≥ 0 (0 disables validation)")
+    _require(t.ema_decay is None or 0.0 < t.ema_decay < 1.0, "train.ema_decay",
+             f"must be in (0, 1) or null to disable EMA, got {t.ema_decay}")
+    _require(t.snr_gamma is None or t.snr_gamma > 0, "train.snr_gamma", "must be positive or null")
+    _require(s.guidance_scale >= 1.0 or s.guidance_scale == 0.0, "sample.guidance_scale",
+             f"must be ≥ 1 (1 disables guidance), got {s.guidance_scale}")
+    _require(len(s.prompts) > 0, "sample.prompts", "needs at least one prompt")
+    _require(d.num_workers >= 0, "data.num_workers", "must be ≥ 0")
+    _require(m.text_encoder.max_length is None or m.text_encoder.max_length > 1,
+             "model.text_encoder.max_length", "must be > 1 or null")
+    _require(m.vae.path is not None, "model.vae.path",
+             "a latent model needs a VAE: a Hub id, a folder, or the output of scripts/train_autoencoder.py")
+    if d.precompute:
+        _require(not d.random_flip and d.center_crop, "data.precompute",
+                 "encodes each image once, so it cannot be combined with data.random_flip or random crops "
+                 "(set data.center_crop=true and data.random_flip=false, or data.precompute=false)")
+    # Stage 1 architecture: the latent grid must tile the image exactly.
+    for i, ch in enumerate(a.block_out_channels):
+        _require(ch > 0 and ch % a.norm_num_groups == 0, f"autoencoder.block_out_channels[{i}]",
+                 f"{ch} must be a positive multiple of autoencoder.norm_num_groups ({a.norm_num_groups})")
+    vae_factor = 2 ** (len(a.block_out_channels) - 1)
+    _require(d.resolution % vae_factor == 0, "data.resolution",
+             f"{d.resolution} is not divisible by the stage-1 VAE's downsampling factor {vae_factor}")
+
+
+def unet_downsampling(cfg: Config) -> int:
+    """How many times the UNet halves the latent grid."""
+    return 2 ** (len(cfg.model.unet.block_out_channels) - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: `--config file.yaml section.key=value ...`
+# --------------------------------------------------------------------------------------------
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML config (see configs/); defaults if omitted")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4 data.resolution=256")
+    return parser
