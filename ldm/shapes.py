@@ -54,7 +54,8 @@ class ShapeSpec:
 
     @property
     def caption(self) -> str:
-        return f"a {self.colour} {self.shape} {POSITIONS[self.position][0]}"
+        article = "an" if self.colour[0] in "aeiou" else "a"
+        return f"{article} {self.colour} {self.shape} {POSITIONS[self.position][0]}"
 
 
 def all_specs() -> list[ShapeSpec]:

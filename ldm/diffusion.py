@@ -1,0 +1,98 @@
+"""Pure tensor math of training: replayable per-sample draws, targets, SNR weights, the loss.
+
+Randomness: every sample's noise, timestep, caption-dropout decision and latent sample come from
+a generator keyed by (seed, position), where `position` counts samples in the training stream
+(epoch × dataset size + place in that epoch's permutation). The draws therefore do not depend on
+how a batch is split across processes or where a run was interrupted (shared/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*keys: int) -> int:
+    """Hash integers into a 63-bit seed (SplitMix64 finaliser per key): nearby keys give unrelated seeds."""
+    h = 0x9E3779B97F4A7C15
+    for k in keys:
+        h = (h ^ (int(k) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 29
+    return h & ((1 << 63) - 1)
+
+
+def sample_generator(seed: int, position: int, stream: int = 0) -> torch.Generator:
+    """CPU generator for one sample of the training stream; `stream` separates independent uses."""
+    return torch.Generator().manual_seed(mix_seed(seed, stream, position))
+
+
+@dataclass
+class SampleDraws:
+    noise: torch.Tensor  # (B, C, h, w) ~ N(0, I)
+    timesteps: torch.Tensor  # (B,) long in [0, T)
+    drop_caption: torch.Tensor  # (B,) bool
+    latent_eps: torch.Tensor  # (B, C, h, w) ~ N(0, I), to sample z = mean + std · eps from q(z|x)
+
+
+def draw_samples(seed: int, positions: Sequence[int], latent_shape: tuple[int, int, int],
+                 num_train_timesteps: int, caption_dropout: float) -> SampleDraws:
+    """All random draws for a batch, one generator per sample so each row is independent of the batch."""
+    noise, t, drop, eps = [], [], [], []
+    for pos in positions:
+        g = sample_generator(seed, pos)
+        noise.append(torch.randn(latent_shape, generator=g))
+        t.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+        drop.append(torch.rand(1, generator=g) < caption_dropout)
+        eps.append(torch.randn(latent_shape, generator=g))
+    return SampleDraws(torch.stack(noise), torch.cat(t), torch.cat(drop), torch.stack(eps))
+
+
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                    prediction_type: Literal["epsilon", "v_prediction"]) -> torch.Tensor:
+    """ε for epsilon prediction; v = √ᾱ_t ε − √(1−ᾱ_t) x₀ (Salimans & Ho 2022, eq. 11) for v-prediction."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: 'epsilon', 'v_prediction'")
+
+
+def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t), shape (B,)."""
+    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return a / (1.0 - a)
+
+
+def min_snr_weights(snr_t: torch.Tensor, gamma: float,
+                    prediction_type: Literal["epsilon", "v_prediction"]) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting").
+
+    The paper weights the x₀-error by min(SNR, γ). Since ‖x₀ − x̂₀‖² = ‖ε − ε̂‖²/SNR for an ε-model and
+    ‖x₀ − x̂₀‖² = ‖v − v̂‖²/(SNR + 1) for a v-model, the weight on our loss is min(SNR, γ)/SNR or
+    min(SNR, γ)/(SNR + 1) respectively.
+    """
+    clipped = torch.minimum(snr_t, torch.full_like(snr_t, gamma))
+    if prediction_type == "epsilon":
+        return clipped / snr_t
+    return clipped / (snr_t + 1.0)
+
+
+def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor,
+                   weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean-squared error per sample, optionally weighted, averaged over the batch (fp32)."""
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()
+
+
+def posterior_variance(betas: torch.Tensor, alphas_cumprod: torch.Tensor, t: int) -> torch.Tensor:
+    """σ_t² = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) (Ho et al. 2020, eq. 7), with ᾱ_{−1} = 1."""
+    prev = alphas_cumprod[t - 1] if t > 0 else torch.tensor(1.0, dtype=alphas_cumprod.dtype)
+    return betas[t] * (1.0 - prev) / (1.0 - alphas_cumprod[t])

@@ -1,0 +1,248 @@
+"""Stage 2: text-conditional latent diffusion. One loop, readable top to bottom.
+
+    1. check the config against the components' own configs (no weights yet)
+    2. accelerator, output folder, resolved config
+    3. data (columns checked before any model is built)
+    4. components: frozen VAE + text encoder, trainable UNet, DDPM noise scheduler
+    5. optionally encode the whole dataset once (small datasets)
+    6. optimiser, LR schedule, EMA
+    7. the loop: draws → latents + prompt_embeds → train_step → backward → clip → step → EMA → log/validate
+    8. export a Diffusers pipeline
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ldm.cache import EncodedDataset, encode_stream
+from ldm.checkpoint import export_pipeline
+from ldm.components import (
+    TextEncoderInfo,
+    VAEInfo,
+    build_scheduler,
+    build_unet,
+    check_components,
+    encode_prompts,
+    latent_distribution,
+    load_text_encoder,
+    load_vae,
+    unet_kwargs,
+    unet_flops_per_image,
+)
+from ldm.config import Config, ConfigError, save_config
+from ldm.data import SampleStream, StreamBatches, open_source
+from ldm.diffusion import SampleDraws, diffusion_loss, draw_samples, min_snr_weights, snr, training_target
+from ldm.images import make_grid, save_png
+from ldm.pipeline import assemble_pipeline, generate
+
+
+def train_step(unet, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor, noise: torch.Tensor,
+               timesteps: torch.Tensor, prediction_type: str, snr_gamma: Optional[float]) -> torch.Tensor:
+    """Loss of one micro-batch: noise the latents to t, predict, MSE against ε (or v), min-SNR weights."""
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # √ᾱ_t x₀ + √(1−ᾱ_t) ε
+    model_pred = unet(noisy_latents, timesteps, prompt_embeds).sample
+    target = training_target(scheduler, latents, noise, timesteps, prediction_type)
+    weights = None
+    if snr_gamma is not None:
+        weights = min_snr_weights(snr(scheduler.alphas_cumprod, timesteps), snr_gamma, prediction_type)
+    return diffusion_loss(model_pred, target, weights)
+
+
+def dry_run_report(cfg: Config, vae: VAEInfo, text: TextEncoderInfo) -> dict:
+    """Architecture facts without weights: the UNet is built on the meta device."""
+    latent = cfg.data.resolution // vae.downsample
+    kwargs = unet_kwargs(cfg.model.unet, text.hidden_size, latent, vae.latent_channels)
+    with torch.device("meta"):
+        from diffusers import UNet2DConditionModel
+
+        params = sum(p.numel() for p in UNet2DConditionModel(**kwargs).parameters())
+    forward = unet_flops_per_image(kwargs, text.max_length)
+    return {
+        "unet_parameters": params,
+        "latent_shape": [vae.latent_channels, latent, latent],
+        "prompt_embeds_shape": [text.max_length, text.hidden_size],
+        "unet_forward_gflops_per_image": forward / 1e9,
+        # Backward costs about twice the forward (weights + activations), hence ×3.
+        "train_tflops_per_image": 3 * forward / 1e12,
+    }
+
+
+def _latents_and_embeds(batch, draws: SampleDraws, encoded: Optional[EncodedDataset], vae, tokenizer,
+                        text_encoder, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """latents (B, C, h, w) × scaling_factor and prompt_embeds (B, L, D) for one micro-batch."""
+    if encoded is not None:
+        indices = torch.as_tensor(batch["index"])
+        return (encoded.latents(indices, draws.latent_eps).to(device),
+                encoded.embeds(indices, draws.drop_caption).to(device))
+    mean, std = latent_distribution(vae, batch["pixel_values"])
+    latents = (mean + std * draws.latent_eps.to(mean.device)) * vae.config.scaling_factor
+    captions = ["" if drop else c for c, drop in zip(batch["caption"], draws.drop_caption.tolist())]
+    return latents.to(device), encode_prompts(tokenizer, text_encoder, captions).to(device)
+
+
+def _batches(stream: SampleStream, sampler: StreamBatches, encoded: Optional[EncodedDataset],
+             num_workers: int, pin_memory: bool) -> Iterator[dict]:
+    """Micro-batches in stream order: indices only when pre-encoded, decoded images otherwise."""
+    if encoded is not None:
+        for positions in sampler:
+            yield {"position": positions, "index": [stream.index_of(p) for p in positions]}
+        return
+    loader = torch.utils.data.DataLoader(stream, batch_sampler=sampler, num_workers=num_workers,
+                                         pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    yield from loader
+
+
+@contextmanager
+def ema_weights(unet, ema: Optional[EMAModel]):
+    """Temporarily swap the EMA weights into `unet` (training weights restored afterwards)."""
+    if ema is None:
+        yield
+        return
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(unet.parameters())
+
+
+def validate(cfg: Config, step: int, vae, text_encoder, tokenizer, unet, scheduler, out: Path,
+             accelerator: Accelerator) -> Path:
+    """Fixed prompts and seed → a PNG grid (and TensorBoard images)."""
+    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, sampler=cfg.sample.sampler)
+    s = cfg.sample
+    results = generate(pipe, s.prompts, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale,
+                       num_inference_steps=s.num_inference_steps, sampler=s.sampler, seed=s.seed,
+                       num_images_per_prompt=s.num_images_per_prompt, batch_size=s.batch_size,
+                       device=accelerator.device)
+    images = [r.image for r in results]
+    path = save_png(make_grid(images), out / "validation" / f"step_{step:06d}.png",
+                    {"step": step, "prompts": list(s.prompts), "seed": s.seed, "sampler": s.sampler})
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.log_images({"validation": np.stack([np.asarray(i) for i in images])}, step=step,
+                               dataformats="NHWC")
+    return path
+
+
+def train(cfg: Config, dry_run: bool = False, show_progress: bool = True) -> Optional[Path]:
+    t = cfg.train
+    # 1. Config against the components' own configs, before anything heavy.
+    vae_info, text_info = check_components(cfg)
+    if dry_run:
+        return None
+    # 2. Accelerator (processes, devices, mixed precision, accumulation), output folder, config.
+    out = Path(t.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=None if t.report_to == "none" else t.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    device, main = accelerator.device, accelerator.is_main_process
+    if main:
+        save_config(cfg, out / "config.yaml")
+        if t.report_to != "none":
+            accelerator.init_trackers("text2img")
+    # 3. Data: the replayable stream; columns were checked when the source opened.
+    stream = SampleStream(open_source(cfg.data), cfg.data, t.seed)
+    # 4. Components. Frozen encoders in eval mode; the VAE in its configured dtype (fp32 by default).
+    vae = load_vae(cfg.model.vae).to(device, getattr(torch, cfg.model.vae.dtype))
+    tokenizer, text_encoder = load_text_encoder(cfg.model.text_encoder)
+    text_encoder.to(device)
+    torch.manual_seed(t.seed)  # UNet initialisation is identical on every process
+    unet = build_unet(cfg, vae_info, text_info).to(device)
+    scheduler = build_scheduler(cfg.model.scheduler)
+    if t.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if t.attention == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as err:
+            raise ConfigError(f"config key 'train.attention': xformers is not usable here ({err}); "
+                              "install the 'xformers' extra or use 'sdpa'") from err
+    # 5. Small datasets: encode every image and caption once.
+    encoded = encode_stream(stream, vae, tokenizer, text_encoder, show_progress=show_progress and main) \
+        if cfg.data.precompute else None
+    # 6. Optimiser, LR schedule (stepped once per optimizer step, whatever the process count), EMA.
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                  weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    lr_schedule = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                num_training_steps=t.max_steps)
+    ema = EMAModel(unet.parameters(), decay=t.ema_decay) if t.ema_decay is not None else None
+    if ema is not None:
+        ema.to(device)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    # 7. The loop. Micro-batch k of this process holds stream positions from StreamBatches.
+    k_accum = t.gradient_accumulation_steps
+    sampler = StreamBatches(t.batch_size, 0, t.max_steps * k_accum, accelerator.process_index,
+                            accelerator.num_processes)
+    latent_shape = (vae_info.latent_channels, cfg.data.resolution // vae_info.downsample,
+                    cfg.data.resolution // vae_info.downsample)
+    global_batch = t.batch_size * accelerator.num_processes * k_accum
+    step, running, window_start = 0, torch.zeros((), device=device), time.time()
+    bar = tqdm(total=t.max_steps, desc="stage 2 (UNet)", disable=not (show_progress and main))
+    unet.train()
+    for batch in _batches(stream, sampler, encoded, cfg.data.num_workers, device.type == "cuda"):
+        draws = draw_samples(t.seed, batch["position"], latent_shape, cfg.model.scheduler.num_train_timesteps,
+                             cfg.data.caption_dropout)
+        latents, prompt_embeds = _latents_and_embeds(batch, draws, encoded, vae, tokenizer, text_encoder, device)
+        with accelerator.accumulate(unet):
+            loss = train_step(unet, scheduler, latents, prompt_embeds, draws.noise.to(device),
+                              draws.timesteps.to(device), cfg.model.scheduler.prediction_type, t.snr_gamma)
+            accelerator.backward(loss)
+            running += loss.detach() / k_accum
+            if not accelerator.sync_gradients:
+                continue
+            if t.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm)
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(unet.parameters())
+        step += 1
+        bar.update(1)
+        if step % t.log_every == 0 or step == t.max_steps:
+            n = t.log_every if step % t.log_every == 0 else step % t.log_every
+            mean_loss = accelerator.reduce(running, reduction="mean").item() / n  # one host sync per window
+            rate = n * global_batch / max(time.time() - window_start, 1e-9)
+            lr = lr_schedule.get_last_lr()[0]
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": rate}, step=step)
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"training loss became {mean_loss} at step {step}; lower train.lr, "
+                                         "enable gradient clipping, or keep the VAE in float32")
+            running.zero_()
+            window_start = time.time()
+        if t.validate_every and step % t.validate_every == 0 and step < t.max_steps and main:
+            base = accelerator.unwrap_model(unet)
+            with ema_weights(base, ema if t.ema_for_export else None):
+                validate(cfg, step, vae, text_encoder, tokenizer, base, scheduler, out, accelerator)
+            base.train()
+    bar.close()
+    # 8. Export (EMA weights by default) and a last validation grid.
+    accelerator.wait_for_everyone()
+    folder = out / "pipeline"
+    if main:
+        base = accelerator.unwrap_model(unet).eval()
+        with ema_weights(base, ema if t.ema_for_export else None):
+            export_pipeline(folder, vae.to(torch.float32), text_encoder, tokenizer, base, scheduler, cfg)
+            if t.validate_every:
+                validate(cfg, step, vae, text_encoder, tokenizer, base, scheduler, out, accelerator)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return folder

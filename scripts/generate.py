@@ -1,0 +1,43 @@
+"""Generate images from an exported pipeline (a folder or a Hub id).
+
+    python scripts/generate.py --model outputs/quickstart/text2img/pipeline \
+        --prompt "a red circle in the top left corner" --num-images 4 --sampler dpm++ --steps 20
+"""
+
+import argparse
+from pathlib import Path
+
+from ldm.images import save_generations
+from ldm.pipeline import SAMPLERS, generate
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="pipeline folder or Hub id")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--steps", type=int, default=25, help="num_inference_steps")
+    p.add_argument("--sampler", default="dpm++", choices=list(SAMPLERS))
+    p.add_argument("--seed", type=int, default=0, help="image j is seeded seed + j")
+    p.add_argument("--height", type=int), p.add_argument("--width", type=int)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="outputs/samples")
+    a = p.parse_args()
+    prompts = list(a.prompt)
+    if a.prompts_file:
+        prompts += [line.strip() for line in Path(a.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        p.error("give at least one --prompt or a --prompts-file")
+    results = generate(a.model, prompts, negative_prompt=a.negative_prompt, guidance_scale=a.guidance_scale,
+                       num_inference_steps=a.steps, sampler=a.sampler, seed=a.seed, height=a.height,
+                       width=a.width, num_images_per_prompt=a.num_images, batch_size=a.batch_size, device=a.device)
+    paths = save_generations(results, a.out)
+    print(f"wrote {len(paths) - 1} images and {paths[-1]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""Stage 1: train an AutoencoderKL on the configured dataset and save it in Diffusers format.
+
+    python scripts/train_autoencoder.py --config configs/quickstart.yaml [autoencoder.max_steps=500 ...]
+"""
+
+from ldm.autoencoder import train_autoencoder
+from ldm.config import argument_parser, load_config
+
+
+def main() -> None:
+    args = argument_parser(__doc__).parse_args()
+    train_autoencoder(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()
