@@ -96,3 +96,19 @@ def posterior_variance(betas: torch.Tensor, alphas_cumprod: torch.Tensor, t: int
     """σ_t² = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) (Ho et al. 2020, eq. 7), with ᾱ_{−1} = 1."""
     prev = alphas_cumprod[t - 1] if t > 0 else torch.tensor(1.0, dtype=alphas_cumprod.dtype)
     return betas[t] * (1.0 - prev) / (1.0 - alphas_cumprod[t])
+
+
+def ddpm_reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, betas: torch.Tensor,
+                      z: torch.Tensor) -> torch.Tensor:
+    """One ancestral DDPM step written out from the formulas (Ho et al. 2020, Algorithm 2):
+
+        x_{t−1} = 1/√α_t · (x_t − β_t/√(1−ᾱ_t) · ε_θ(x_t, t)) + σ_t z,   σ_t² = β_t(1−ᾱ_{t−1})/(1−ᾱ_t)
+
+    with no noise added at t = 0. A reference for tests; sampling itself uses Diffusers' schedulers.
+    """
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)
+    mean = (x_t - betas[t] / torch.sqrt(1.0 - alphas_cumprod[t]) * eps) / torch.sqrt(alphas[t])
+    if t == 0:
+        return mean
+    return mean + torch.sqrt(posterior_variance(betas, alphas_cumprod, t)) * z

@@ -1,0 +1,60 @@
+"""The shapes world: reproducible, balanced, and a checker strict enough to catch near-misses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from ldm.shapes import COLOURS, POSITIONS, SHAPES, ShapeSpec, ShapesDataset, all_specs, read_image, render, score
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_checker_reads_every_rendered_combination(resolution):
+    data = ShapesDataset(2 * len(all_specs()), resolution, seed=5)
+    readings = [read_image(data[i]["image"]) for i in range(len(data))]
+    scores = score(readings, [data.spec(i) for i in range(len(data))])
+    assert scores == {"colour": 1.0, "shape": 1.0, "position": 1.0, "all": 1.0, "n": len(data)}
+
+
+def test_dataset_is_reproducible_and_balanced():
+    a, b = ShapesDataset(432, 32, seed=1), ShapesDataset(432, 32, seed=1)
+    assert np.array_equal(np.asarray(a[17]["image"]), np.asarray(b[17]["image"]))
+    assert not np.array_equal(np.asarray(a[17]["image"]), np.asarray(ShapesDataset(432, 32, seed=2)[17]["image"]))
+    captions = [a[i]["text"] for i in range(432)]
+    assert len(set(captions)) == len(COLOURS) * len(SHAPES) * len(POSITIONS) == 216
+    assert all(captions.count(c) == 2 for c in set(captions))
+    assert a[0]["text"] == "a red circle in the top left corner"
+    assert ShapeSpec("orange", "cross", "right").caption == "an orange cross on the right"
+
+
+def _rounded_square(radius_fraction: float, colour=(220, 40, 40)) -> Image.Image:
+    big = Image.new("RGB", (128, 128), "white")
+    ImageDraw.Draw(big).rounded_rectangle([42, 42, 86, 86], radius=int(44 * radius_fraction), fill=colour)
+    return big.resize((32, 32), Image.BOX)
+
+
+def test_a_rounded_square_is_not_a_circle():
+    # Corners rounded by a quarter of the side: still a square to the checker, not a circle.
+    assert read_image(_rounded_square(0.25)).shape == "square"
+    assert read_image(render(ShapeSpec("red", "circle", "center"), 32)).shape == "circle"
+
+
+def test_colour_between_orange_and_yellow_is_not_both():
+    orange, yellow = np.array(COLOURS["orange"]), np.array(COLOURS["yellow"])
+    drifted = tuple(int(v) for v in (0.35 * orange + 0.65 * yellow))
+    reading = read_image(_rounded_square(0.0, drifted))
+    assert reading.colour == "yellow"
+
+
+def test_blank_or_noisy_images_read_as_nothing():
+    assert read_image(Image.new("RGB", (32, 32), "white")).shape is None
+    assert score([read_image(Image.new("RGB", (32, 32), "white"))], [ShapeSpec("red", "circle", "top")])["all"] == 0
+
+
+def test_excluding_combinations():
+    held = [ShapeSpec("red", "circle", p) for p in POSITIONS]
+    data = ShapesDataset(500, 32, exclude=held)
+    assert not any(data.spec(i) in held for i in range(500))
+    with pytest.raises(ValueError, match="excluded"):
+        ShapesDataset(10, 32, exclude=all_specs())

@@ -1,0 +1,190 @@
+"""End to end on tiny real components: stage 1, stage 2, export, reload, generate, dry run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import tiny_overrides
+from ldm.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], env_extra: dict | None = None, timeout: int = 300) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env_extra or {})}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory) -> Path:
+    """A 2-step stage-2 run (BERT text encoder, on-the-fly encoding) exported as a pipeline."""
+    from ldm.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, tiny_overrides(tiny, out) + ["train.ema_decay=0.9", "train.gradient_accumulation_steps=2"])
+    return train(cfg, show_progress=False)
+
+
+def test_two_step_run_exports_a_safetensors_pipeline(trained):
+    files = {p.relative_to(trained).as_posix() for p in trained.rglob("*") if p.is_file()}
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors", "scheduler/scheduler_config.json", "ldm_config.yaml"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".ckpt", ".pkl")) for f in files)
+    saved = load_config(trained / "ldm_config.yaml")
+    assert saved.train.max_steps == 2 and saved.model.text_encoder.max_length == 12
+    assert (trained.parent / "config.yaml").is_file()
+    index = json.loads((trained / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["text_encoder"] == ["transformers", "BertModel"]
+
+
+def test_export_loads_in_plain_diffusers_and_matches_generate_script(trained, tmp_path):
+    """scripts/generate.py and DiffusionPipeline.from_pretrained give the same pixels for the same seed."""
+    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+
+    from ldm.images import read_png_params
+
+    prompts = ["a red circle in the center", "a blue square on the left"]
+    out = tmp_path / "samples"
+    _run(["scripts/generate.py", "--model", str(trained), "--prompt", prompts[0], "--prompt", prompts[1],
+          "--seed", "11", "--steps", "4", "--guidance-scale", "3", "--sampler", "dpm++", "--out", str(out)])
+    ours = [np.asarray(Image.open(out / f"{j:04d}_seed{11 + j}.png"), dtype=np.float64) / 255 for j in range(2)]
+    assert (out / "grid.png").is_file()
+    params = read_png_params(out / "0001_seed12.png")
+    assert params["prompt"] == prompts[1] and params["seed"] == 12 and params["sampler"] == "dpm++"
+
+    pipe = DiffusionPipeline.from_pretrained(str(trained))
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    generators = [torch.Generator().manual_seed(11 + j) for j in range(2)]
+    theirs = pipe(prompts, num_inference_steps=4, guidance_scale=3.0, generator=generators, output_type="np").images
+    theirs = np.round(theirs * 255) / 255  # the PNGs hold 8-bit pixels
+    for a, b in zip(ours, theirs):
+        assert np.abs(a - b).max() <= 1e-5
+
+
+def test_ddpm_sampler_generates_from_the_export(trained):
+    from ldm import generate
+
+    results = generate(str(trained), ["a green cross at the top"], sampler="ddpm", num_inference_steps=5, seed=1)
+    assert results[0].image.size == (16, 16) and results[0].params["sampler"] == "ddpm"
+    with pytest.raises(ValueError, match="valid samplers: ddpm, ddim, dpm\\+\\+"):
+        generate(str(trained), ["x"], sampler="plms")
+
+
+def test_training_embeddings_equal_the_pipelines(tiny):
+    """encode_prompts (training) computes exactly what the exported pipeline computes at inference."""
+    from ldm.components import encode_prompts, load_text_encoder
+    from ldm.config import TextEncoderConfig
+
+    for name in ("bert", "clip"):
+        tokenizer, encoder = load_text_encoder(TextEncoderConfig(path=tiny[name], max_length=12))
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(vae=None, text_encoder=encoder, tokenizer=tokenizer, unet=None, scheduler=None,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        prompts = ["a red circle", "an orange cross on the right", ""]
+        ours = encode_prompts(tokenizer, encoder, prompts)
+        theirs, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
+        assert ours.shape == (3, 12, 32) and torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_precomputed_and_on_the_fly_batches_agree(tiny, tmp_path):
+    """The same batch and draws give the same latents and prompt_embeds with or without pre-encoding."""
+    from ldm.cache import encode_stream
+    from ldm.components import load_text_encoder, load_vae
+    from ldm.data import SampleStream, open_source
+    from ldm.diffusion import draw_samples
+    from ldm.train import _latents_and_embeds
+
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path) + ["data.caption_dropout=0.5"])
+    vae, (tok, enc) = load_vae(cfg.model.vae), load_text_encoder(cfg.model.text_encoder)
+    stream = SampleStream(open_source(cfg.data), cfg.data, seed=0)
+    encoded = encode_stream(stream, vae, tok, enc, batch_size=8, show_progress=False)
+    positions = list(range(5, 13))
+    items = [stream[p] for p in positions]
+    batch = {"position": positions, "index": [i["index"] for i in items],
+             "pixel_values": torch.stack([i["pixel_values"] for i in items]), "caption": [i["caption"] for i in items]}
+    draws = draw_samples(0, positions, (4, 8, 8), 1000, 0.5)
+    assert 0 < int(draws.drop_caption.sum()) < 8
+    a = _latents_and_embeds(batch, draws, None, vae, tok, enc, "cpu")
+    b = _latents_and_embeds(batch, draws, encoded, vae, tok, enc, "cpu")
+    assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1], b[1], atol=1e-5)
+
+
+def test_clip_text_encoder_and_precompute_train(tiny, tmp_path):
+    from ldm.train import train
+
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path, text_encoder="clip") + [
+        "data.precompute=true", "train.snr_gamma=5.0", "model.scheduler.prediction_type=v_prediction",
+        "train.validate_every=1"])
+    folder = train(cfg, show_progress=False)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert json.loads((folder / "scheduler/scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    grids = sorted((tmp_path / "validation").glob("step_*.png"))
+    assert [g.name for g in grids] == ["step_000001.png", "step_000002.png"]
+
+
+def test_imagefolder_by_someone_else_trains_with_config_only(tiny, tmp_path, write_imagefolder):
+    """Dataset path, caption column and resolution changed in YAML; no code change."""
+    folder = write_imagefolder(n=8, caption_column="description", size=20)
+    overrides = dict(o.split("=", 1) for o in tiny_overrides(tiny, tmp_path / "run"))
+    overrides.update({"data.dataset": str(folder), "data.caption_column": "description", "data.resolution": "12"})
+    tree: dict = {}
+    for key, value in overrides.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    config = tmp_path / "mine.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    stdout = _run(["scripts/train_text2img.py", "--config", str(config)])
+    pipeline = Path(stdout.strip().splitlines()[-1].split(": ", 1)[1])
+    from ldm import generate
+
+    assert generate(str(pipeline), ["a shape"], num_inference_steps=2)[0].image.size == (12, 12)
+
+
+def test_stage_one_autoencoder(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from ldm.autoencoder import train_autoencoder
+
+    cfg = load_config(None, ["data.resolution=16", "data.shapes.num_images=40", "autoencoder.block_out_channels=[8, 16]",
+                             "autoencoder.norm_num_groups=8", "autoencoder.max_steps=30", "autoencoder.batch_size=8",
+                             f"autoencoder.output_dir={tmp_path / 'vae'}", "autoencoder.num_validation_images=8"])
+    folder = train_autoencoder(cfg, show_progress=False)
+    vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["held_out_images"] == 4 and 5.0 < metrics["psnr_db"] < 60.0
+    assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
+    # The scaling factor normalises the training latents to unit standard deviation.
+    from ldm.data import open_source, prepare_image
+
+    source = open_source(cfg.data)
+    x = torch.stack([prepare_image(source.get(i)[0], cfg.data) for i in range(32)])
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    assert z.std().item() == pytest.approx(1.0, abs=0.25)
+
+
+def test_sd15_dry_run_counts_860m_parameters_offline(tmp_path):
+    stdout = _run(["scripts/train_text2img.py", "--config", "configs/sd15-512.yaml", "--dry-run"],
+                  env_extra={"HF_HOME": str(tmp_path / "empty-hf-home")})
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["unet_parameters"] == pytest.approx(860e6, rel=0.01)
+    assert report["latent_shape"] == [4, 64, 64] and report["prompt_embeds_shape"] == [77, 768]
+    assert report["train_tflops_per_image"] == pytest.approx(2.4, rel=0.05)
+    assert "859.5M" in stdout
