@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ldm.config import AutoencoderConfig, Config, save_config
+from ldm.config import AutoencoderConfig, Config, check_autoencoder_config, save_config
 from ldm.data import SampleStream, StreamBatches, open_source, prepare_image
 
 
@@ -58,6 +58,7 @@ def latent_scaling_factor(vae: AutoencoderKL, batches: list[torch.Tensor], gener
 
 
 def train_autoencoder(cfg: Config, show_progress: bool = True) -> Path:
+    check_autoencoder_config(cfg)
     a = cfg.autoencoder
     out = Path(a.output_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

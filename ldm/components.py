@@ -11,6 +11,7 @@ published components of the SD-1.5 recipe those facts are also tabulated, so a d
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,13 +154,15 @@ def describe_text_encoder(cfg: TextEncoderConfig) -> TextEncoderInfo:
 def check_components(cfg: Config) -> tuple[VAEInfo, TextEncoderInfo]:
     """Cross-check config and component configs (no weights): shapes must fit before we build anything."""
     vae, text = describe_vae(cfg.model.vae), describe_text_encoder(cfg.model.text_encoder)
-    factor = vae.downsample * 2 ** (len(cfg.model.unet.block_out_channels) - 1)
+    unet_factor = 2 ** (len(cfg.model.unet.block_out_channels) - 1)
+    # StableDiffusionPipeline refuses sizes that are not multiples of 8, whatever the VAE.
+    factor = math.lcm(vae.downsample * unet_factor, 8)
     if cfg.data.resolution % factor:
         valid = [r for r in range(factor, 4 * cfg.data.resolution + 1, factor)][:3]
         raise ConfigError(
             f"config key 'data.resolution': {cfg.data.resolution} is not divisible by {factor} "
-            f"(VAE downsampling {vae.downsample} × UNet downsampling {factor // vae.downsample}); "
-            f"use a multiple of {factor}, e.g. {', '.join(map(str, valid))}"
+            f"(VAE downsampling {vae.downsample} × UNet downsampling {unet_factor}, and the exported "
+            f"StableDiffusionPipeline needs multiples of 8); use a multiple of {factor}, e.g. {', '.join(map(str, valid))}"
         )
     want = cfg.model.unet.cross_attention_dim
     if want is not None and want != text.hidden_size:

@@ -211,6 +211,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected {_describe(tp)}, got {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads "1e-4" (no dot) as a string; take it as the number it spells.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -253,14 +259,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.lr=2e-4)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
-    # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number the user meant.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
-    return key.strip(), value
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
 def to_dict(cfg: Any) -> dict:
@@ -358,18 +357,17 @@ def check_config(cfg: Config) -> None:
         _require(not d.random_flip and d.center_crop, "data.precompute",
                  "encodes each image once, so it cannot be combined with data.random_flip or random crops "
                  "(set data.center_crop=true and data.random_flip=false, or data.precompute=false)")
-    # Stage 1 architecture: the latent grid must tile the image exactly.
     for i, ch in enumerate(a.block_out_channels):
         _require(ch > 0 and ch % a.norm_num_groups == 0, f"autoencoder.block_out_channels[{i}]",
                  f"{ch} must be a positive multiple of autoencoder.norm_num_groups ({a.norm_num_groups})")
-    vae_factor = 2 ** (len(a.block_out_channels) - 1)
-    _require(d.resolution % vae_factor == 0, "data.resolution",
-             f"{d.resolution} is not divisible by the stage-1 VAE's downsampling factor {vae_factor}")
 
 
-def unet_downsampling(cfg: Config) -> int:
-    """How many times the UNet halves the latent grid."""
-    return 2 ** (len(cfg.model.unet.block_out_channels) - 1)
+def check_autoencoder_config(cfg: Config) -> None:
+    """Stage 1 only: the latent grid must tile the image exactly."""
+    factor = 2 ** (len(cfg.autoencoder.block_out_channels) - 1)
+    _require(cfg.data.resolution % factor == 0, "data.resolution",
+             f"{cfg.data.resolution} is not divisible by the stage-1 VAE's downsampling factor {factor} "
+             f"(autoencoder.block_out_channels has {len(cfg.autoencoder.block_out_channels)} levels)")
 
 
 # --------------------------------------------------------------------------------------------

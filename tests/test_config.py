@@ -54,7 +54,8 @@ def test_yaml_file_overrides_and_saved_config_round_trip(tmp_path):
 
 
 def test_override_values_parse_as_yaml():
-    assert parse_override("train.lr=1e-4") == ("train.lr", pytest.approx(1e-4))
+    assert load_config(None, ["train.lr=1e-4"]).train.lr == pytest.approx(1e-4)  # YAML 1.1 reads a string
+    assert load_config(None, ["sample.prompts=['1e-4']"]).sample.prompts == ["1e-4"]  # strings stay strings
     assert parse_override("train.snr_gamma=null") == ("train.snr_gamma", None)
     assert parse_override("model.unet.block_out_channels=[1,2]") == ("model.unet.block_out_channels", [1, 2])
     with pytest.raises(ConfigError, match="section.key=value"):
@@ -67,12 +68,17 @@ def test_missing_config_file_is_named(tmp_path):
 
 
 def test_resolution_the_vae_and_unet_cannot_divide(tiny, tmp_path):
-    # tiny VAE: f = 2; a 2-level UNet halves once more -> resolution must be a multiple of 4.
-    cfg = load_config(None, tiny_overrides(tiny, tmp_path) + ["data.resolution=18"])
+    # tiny VAE: f = 2; a 3-level UNet halves twice more -> multiples of 8 (also the pipeline's rule).
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path) + [
+        "data.resolution=36", "model.unet.block_out_channels=[16, 32, 32]", "model.unet.cross_attention=[false, true, true]"])
     with pytest.raises(ConfigError) as err:
         check_components(cfg)
-    assert "'data.resolution': 18 is not divisible by 4" in str(err.value)
-    assert "e.g. 4, 8, 12" in str(err.value)
+    assert "'data.resolution': 36 is not divisible by 8 (VAE downsampling 2 × UNet downsampling 4" in str(err.value)
+    assert "e.g. 8, 16, 24" in str(err.value)
+    # Divisible by VAE × UNet (4) but not a size the exported pipeline can generate.
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path) + ["data.resolution=12"])
+    with pytest.raises(ConfigError, match="needs multiples of 8"):
+        check_components(cfg)
 
 
 def test_cross_attention_width_must_match_text_encoder(tiny, tmp_path):

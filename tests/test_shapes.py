@@ -28,16 +28,19 @@ def test_dataset_is_reproducible_and_balanced():
     assert ShapeSpec("orange", "cross", "right").caption == "an orange cross on the right"
 
 
-def _rounded_square(radius_fraction: float, colour=(220, 40, 40)) -> Image.Image:
+def _rounded_square(radius_fraction: float, colour=(220, 40, 40), offset: int = 42) -> Image.Image:
     big = Image.new("RGB", (128, 128), "white")
-    ImageDraw.Draw(big).rounded_rectangle([42, 42, 86, 86], radius=int(44 * radius_fraction), fill=colour)
+    ImageDraw.Draw(big).rounded_rectangle([offset, offset, offset + 44, offset + 44],
+                                          radius=int(44 * radius_fraction), fill=colour)
     return big.resize((32, 32), Image.BOX)
 
 
-def test_a_rounded_square_is_not_a_circle():
-    # Corners rounded by a quarter of the side: still a square to the checker, not a circle.
-    assert read_image(_rounded_square(0.25)).shape == "square"
-    assert read_image(render(ShapeSpec("red", "circle", "center"), 32)).shape == "circle"
+@pytest.mark.parametrize("offset", [40, 41, 42, 43])  # every quarter-pixel alignment at 32 px
+def test_a_rounded_square_is_not_a_circle(offset):
+    # Corners rounded by up to 30 % of the side still read as a square; from 35 % on, as a circle
+    # (the IoUs with the two templates cross at 36 % in theory).
+    assert [read_image(_rounded_square(r, offset=offset)).shape for r in (0.15, 0.25, 0.3)] == ["square"] * 3
+    assert [read_image(_rounded_square(r, offset=offset)).shape for r in (0.35, 0.5)] == ["circle"] * 2
 
 
 def test_colour_between_orange_and_yellow_is_not_both():
