@@ -21,7 +21,8 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ldm.config import AutoencoderConfig, Config, check_autoencoder_config, save_config
-from ldm.data import SampleStream, StreamBatches, open_source, prepare_image
+from ldm.data import SampleStream, StreamBatches, prepare_image
+from ldm.sources import open_audited
 
 
 def build_autoencoder(cfg: AutoencoderConfig, resolution: int) -> AutoencoderKL:
@@ -64,7 +65,7 @@ def train_autoencoder(cfg: Config, show_progress: bool = True) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(a.seed)
     # 1. Data: the last `num_validation_images` items are held out for PSNR.
-    source = open_source(cfg.data)
+    source = open_audited(cfg.data)
     held = min(a.num_validation_images, max(1, len(source) // 10))
     stream = SampleStream(source, cfg.data, a.seed)
     stream.size = len(source) - held  # train on the head of the dataset only

@@ -1,13 +1,260 @@
-"""Export of the trained model as a plain Diffusers pipeline folder (safetensors)."""
+"""Training state save / resume (crash-safe) and export of the pipeline.
+
+A checkpoint is a folder `checkpoints/step_NNNNNN/` holding only safetensors and JSON (nothing is
+ever unpickled on resume):
+
+    unet.safetensors          training weights (fp32)
+    ema.safetensors           EMA shadow weights, when EMA is on
+    optimizer.safetensors     AdamW moments and step counts; param groups in state.json
+    rng_rank{r}.safetensors   torch / CUDA / NumPy generator states of process r (Python's in state.json)
+    state.json                step, micro-step (the data position), LR schedule, grad scaler, EMA
+                              counters, the per-rank Python RNG states, and a manifest of file sizes
+
+It is written into `step_NNNNNN.tmp/`, every file flushed to disk, `state.json` last, then renamed
+into place: a folder without `.tmp` whose manifest matches is complete, anything else is ignored by
+`resume=latest` and reported. Older checkpoints are pruned only after the new one is complete.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
 
 from ldm.config import Config, save_config
 from ldm.pipeline import assemble_pipeline
+
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+class DiskSpaceError(RuntimeError):
+    """Not enough free disk for a checkpoint; raised before anything is written."""
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    _fsync_file(path)
+
+
+def estimate_checkpoint_bytes(unet: torch.nn.Module, with_ema: bool) -> int:
+    """UNet + EMA + two AdamW moments, fp32, plus 5 % for headers and small files."""
+    n = sum(p.numel() for p in unet.parameters())
+    return int(4 * n * (1 + int(with_ema) + 2) * 1.05) + (1 << 20)
+
+
+def check_disk_space(folder: str | Path, needed: int, what: str = "a checkpoint") -> None:
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise DiskSpaceError(
+            f"{what} needs {needed / 2**30:.2f} GiB in {folder} but only {free / 2**30:.2f} GiB is free; free some "
+            "space, point train.output_dir at a larger disk, or lower train.checkpoints_total_limit"
+        )
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's generator states: tensors for safetensors, the rest as JSON."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss_next = random.getstate()
+    return tensors, {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+                     "python": [version, list(internal), gauss_next]}
+
+
+def restore_rng_state(tensors: dict[str, torch.Tensor], extra: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, gauss = extra["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = extra["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+@dataclass
+class TrainingState:
+    """What the loop needs back after a resume."""
+
+    step: int
+    micro_step: int
+
+
+def save_training_state(root: str | Path, step: int, micro_step: int, unet, ema, optimizer, lr_schedule,
+                        accelerator, cfg: Config, keep: Optional[int]) -> Optional[Path]:
+    """Write checkpoints/step_{step}; every process takes part (each saves its own RNG state)."""
+    root = Path(root)
+    final = root / f"step_{step:06d}"
+    tmp = root / f"step_{step:06d}.tmp"
+    main = accelerator.is_main_process
+    base = accelerator.unwrap_model(unet)
+    if main:
+        # Never checkpoint non-finite weights: they would poison every resume.
+        if not all(torch.isfinite(p).all() for p in base.parameters()):
+            raise FloatingPointError(f"UNet weights are not finite at step {step}; refusing to checkpoint them")
+        check_disk_space(root, estimate_checkpoint_bytes(base, ema is not None))
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    tensors, extra = rng_state()
+    _save_tensors(tensors, tmp / f"rng_rank{accelerator.process_index}.safetensors")
+    (tmp / f"rng_rank{accelerator.process_index}.json").write_text(json.dumps(extra))
+    _fsync_file(tmp / f"rng_rank{accelerator.process_index}.json")
+    accelerator.wait_for_everyone()
+    if main:
+        _save_tensors(dict(base.state_dict()), tmp / "unet.safetensors")
+        ema_meta = None
+        if ema is not None:
+            _save_tensors({str(i): p for i, p in enumerate(ema.shadow_params)}, tmp / "ema.safetensors")
+            ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+        opt_tensors, opt_meta = _optimizer_tensors(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+        _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        save_config(cfg, tmp / "config.yaml")
+        files = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        state = {"step": step, "micro_step": micro_step, "world_size": accelerator.num_processes,
+                 "lr_schedule": {k: v for k, v in lr_schedule.state_dict().items() if k != "lr_lambdas"},
+                 "grad_scaler": scaler, "ema": ema_meta, "optimizer": opt_meta, "files": files}
+        (tmp / "state.json").write_text(json.dumps(state))
+        _fsync_file(tmp / "state.json")
+        _fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if keep is not None:
+            for old in complete_checkpoints(root)[:-keep]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final if main else None
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and loading
+# --------------------------------------------------------------------------------------------
+
+
+def is_complete(folder: Path) -> bool:
+    state = folder / "state.json"
+    if not _STEP_DIR.match(folder.name) or not state.is_file():
+        return False
+    try:
+        files = json.loads(state.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def incomplete_checkpoints(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not is_complete(p))
+
+
+def find_resume_folder(resume: str, root: str | Path) -> Optional[Path]:
+    """`latest` → newest complete checkpoint under root (None if there is none); a path → that folder."""
+    if resume == "latest":
+        found = complete_checkpoints(root)
+        return found[-1] if found else None
+    folder = Path(resume)
+    if not is_complete(folder):
+        raise ValueError(f"train.resume: {resume!r} is not a complete checkpoint folder (state.json and the files "
+                         "it lists); use train.resume=latest to pick the newest complete one")
+    return folder
+
+
+def load_training_state(folder: Path, unet, ema, optimizer, lr_schedule, accelerator) -> TrainingState:
+    state = json.loads((folder / "state.json").read_text())
+    base = accelerator.unwrap_model(unet)
+    base.load_state_dict(load_file(str(folder / "unet.safetensors"), device=str(accelerator.device)))
+    if ema is not None:
+        if not (folder / "ema.safetensors").is_file():
+            raise ValueError(f"{folder} was saved without EMA but train.ema_decay is set; set train.ema_decay=null "
+                             "or start a new run")
+        shadow = load_file(str(folder / "ema.safetensors"))
+        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+        ema.to(accelerator.device)
+    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    _load_optimizer(inner, load_file(str(folder / "optimizer.safetensors"), device=str(accelerator.device)),
+                    state["optimizer"])
+    lr_schedule.load_state_dict({**lr_schedule.state_dict(), **state["lr_schedule"]})
+    if accelerator.scaler is not None and state["grad_scaler"]:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
+    rank_file = folder / f"rng_rank{accelerator.process_index}.safetensors"
+    if state["world_size"] == accelerator.num_processes and rank_file.is_file():
+        restore_rng_state(load_file(str(rank_file)),
+                          json.loads((folder / f"rng_rank{accelerator.process_index}.json").read_text()))
+    return TrainingState(step=state["step"], micro_step=state["micro_step"])
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
 
 
 def export_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet, scheduler, cfg: Config) -> Path:

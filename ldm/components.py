@@ -186,22 +186,31 @@ def load_vae(cfg: VAEConfig) -> AutoencoderKL:
     return vae.requires_grad_(False).eval()
 
 
+def load_tokenizer(cfg: TextEncoderConfig):
+    """The tokenizer alone (cheap: the data audit measures captions with it before models load)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_path(cfg.path)
+    sub = cfg.tokenizer_subfolder if cfg.tokenizer_subfolder is not None else (
+        "tokenizer" if cfg.subfolder == "text_encoder" else cfg.subfolder)
+    tokenizer = _load("model.text_encoder (tokenizer)", path,
+                      lambda: AutoTokenizer.from_pretrained(path, subfolder=sub or ""))
+    if cfg.max_length is not None:
+        # Stored on the tokenizer so the exported pipeline pads prompts exactly as training did.
+        tokenizer.model_max_length = cfg.max_length
+    return tokenizer
+
+
 def load_text_encoder(cfg: TextEncoderConfig) -> tuple:
     """(tokenizer, text_encoder). CLIP loads its text tower only; other encoders via AutoModel."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+    from transformers import AutoConfig, AutoModel, CLIPTextModel, T5EncoderModel
 
     path, sub = resolve_path(cfg.path), cfg.subfolder
-    tok_sub = cfg.tokenizer_subfolder if cfg.tokenizer_subfolder is not None else (
-        "tokenizer" if sub == "text_encoder" else sub)
-    tokenizer = _load("model.text_encoder (tokenizer)", path,
-                      lambda: AutoTokenizer.from_pretrained(path, subfolder=tok_sub or ""))
+    tokenizer = load_tokenizer(cfg)
     conf = _load("model.text_encoder", path, lambda: AutoConfig.from_pretrained(path, subfolder=sub or ""))
     cls = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel}.get(conf.model_type, AutoModel)
     encoder = _load("model.text_encoder", path, lambda: cls.from_pretrained(
         path, subfolder=sub or "", use_safetensors=True))
-    if cfg.max_length is not None:
-        # Stored on the tokenizer so the exported pipeline pads prompts exactly as training did.
-        tokenizer.model_max_length = cfg.max_length
     return tokenizer, encoder.requires_grad_(False).eval()
 
 

@@ -101,6 +101,11 @@ class DataConfig:
     num_workers: int = 0
     # Encode latents and prompt embeddings once, before training (small datasets, no random crop).
     precompute: bool = False
+    # The audit decodes every sample once before training, converting or skipping bad ones.
+    audit: bool = True
+    min_image_size: Optional[int] = None  # shorter side in px below which an image is skipped; null: resolution / 4
+    max_aspect_ratio: float = 4.0  # longer / shorter side above which an image is skipped
+    max_bad_fraction: float = 0.05  # stop before training if more than this fraction is unusable
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
@@ -128,6 +133,13 @@ class TrainConfig:
     log_every: int = 10
     validate_every: int = 500  # 0 disables the periodic validation grid
     report_to: Literal["tensorboard", "none"] = "tensorboard"
+    checkpoint_every: int = 500  # optimizer steps between training-state checkpoints (0: none)
+    checkpoints_total_limit: Optional[int] = 3  # keep the newest N complete checkpoints (null: all)
+    resume: Optional[str] = None  # "latest" or a checkpoint folder
+    # A non-finite loss or gradient: skip the update (the batch is consumed) or stop at once.
+    nonfinite: Literal["skip", "stop"] = "skip"
+    max_nonfinite_steps: int = 5  # stop after this many consecutive skipped updates
+    record_samples: bool = False  # append each step's dataset indices to samples_rank{r}.jsonl (audit)
 
 
 @dataclass
@@ -342,6 +354,10 @@ def check_config(cfg: Config) -> None:
     _require(t.lr_warmup_steps >= 0, "train.lr_warmup_steps", "must be ≥ 0")
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be ≥ 0 (0 disables clipping)")
     _require(t.validate_every >= 0, "train.validate_every", "must be ≥ 0 (0 disables validation)")
+    _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be ≥ 0 (0 disables checkpoints)")
+    _require(t.checkpoints_total_limit is None or t.checkpoints_total_limit >= 1, "train.checkpoints_total_limit",
+             "must be ≥ 1 or null (keep all)")
+    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be ≥ 1")
     _require(t.ema_decay is None or 0.0 < t.ema_decay < 1.0, "train.ema_decay",
              f"must be in (0, 1) or null to disable EMA, got {t.ema_decay}")
     _require(t.snr_gamma is None or t.snr_gamma > 0, "train.snr_gamma", "must be positive or null")
@@ -349,6 +365,8 @@ def check_config(cfg: Config) -> None:
              f"must be ≥ 1 (1 disables guidance), got {s.guidance_scale}")
     _require(len(s.prompts) > 0, "sample.prompts", "needs at least one prompt")
     _require(d.num_workers >= 0, "data.num_workers", "must be ≥ 0")
+    _require(d.max_aspect_ratio >= 1.0, "data.max_aspect_ratio", f"must be ≥ 1, got {d.max_aspect_ratio}")
+    _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
     _require(m.text_encoder.max_length is None or m.text_encoder.max_length > 1,
              "model.text_encoder.max_length", "must be > 1 or null")
     _require(m.vae.path is not None, "model.vae.path",

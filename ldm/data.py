@@ -1,6 +1,6 @@
-"""Datasets (built-in shapes, local imagefolder, Hub), image transforms, and the replayable sample stream.
+"""Image transforms and the replayable sample stream.
 
-A *source* maps an index to (image, caption). The *stream* maps a position in the endless training
+A *source* (`ldm.sources`) maps an index to (image, caption). The *stream* maps a position in the endless training
 stream to a source index: epoch e = position // N uses the permutation drawn from (seed, e), so the
 data order is a pure function of the seed and can be replayed from any position. A *batch sampler*
 hands each process its slice of every global batch.
@@ -8,12 +8,9 @@ hands each process its slice of every global batch.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import logging
 from functools import lru_cache
-from pathlib import Path
-from typing import Iterator, Optional, Protocol
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -21,107 +18,11 @@ from PIL import Image, ImageOps
 
 from ldm.config import ConfigError, DataConfig
 from ldm.diffusion import mix_seed, sample_generator
+from ldm.sources import BadSample, Source
+
+logger = logging.getLogger(__name__)
 
 _AUGMENT_STREAM = 1  # generator stream id for crop/flip draws (0 is used by the training draws)
-
-
-class Source(Protocol):
-    def __len__(self) -> int: ...
-    def get(self, index: int) -> tuple[Image.Image, str]: ...
-
-
-# --------------------------------------------------------------------------------------------
-# Sources
-# --------------------------------------------------------------------------------------------
-
-
-class ShapesSource:
-    def __init__(self, cfg: DataConfig):
-        from ldm.shapes import ShapesDataset
-
-        self.dataset = ShapesDataset(cfg.shapes.num_images, cfg.resolution, seed=cfg.shapes.seed)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def get(self, index: int) -> tuple[Image.Image, str]:
-        item = self.dataset[index]
-        return item["image"], item["text"]
-
-
-class HFSource:
-    """A `datasets.Dataset` with an image column (decoded here, so a bad file is named) and a caption column."""
-
-    def __init__(self, dataset, image_column: str, caption_column: str, origin: str):
-        from datasets import Image as ImageFeature
-
-        self.dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
-        self.image_column, self.caption_column, self.origin = image_column, caption_column, origin
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def get(self, index: int) -> tuple[Image.Image, str]:
-        row = self.dataset[index]
-        ref = row[self.image_column]
-        name = ref.get("path") or f"{self.origin}[{index}]"
-        try:
-            image = Image.open(io.BytesIO(ref["bytes"]) if ref.get("bytes") else ref["path"])
-            image.load()
-        except Exception as err:
-            raise ValueError(f"cannot decode image {name!r} ({type(err).__name__}: {err})") from err
-        caption = row[self.caption_column]
-        return image, caption if isinstance(caption, str) else ""
-
-
-def _metadata_columns(folder: Path) -> tuple[Path, list[str]]:
-    for name in ("metadata.jsonl", "metadata.csv"):
-        file = folder / name
-        if file.is_file():
-            if name.endswith(".jsonl"):
-                with file.open() as f:
-                    first = next((line for line in f if line.strip()), "{}")
-                return file, list(json.loads(first).keys())
-            with file.open(newline="") as f:
-                return file, next(csv.reader(f), [])
-    raise ConfigError(
-        f"data.dataset: folder {str(folder)!r} has no metadata.jsonl or metadata.csv; add one with a "
-        "'file_name' column and a caption column (see README, 'Your own images')"
-    )
-
-
-def open_source(cfg: DataConfig) -> Source:
-    """The configured dataset, with its columns checked before any model is built."""
-    if cfg.dataset == "shapes":
-        return ShapesSource(cfg)
-    folder = Path(cfg.dataset).expanduser()
-    from datasets import load_dataset
-
-    if folder.is_dir():
-        meta, columns = _metadata_columns(folder)
-        for col in ("file_name", cfg.caption_column):
-            if col not in columns:
-                raise ConfigError(
-                    f"config key 'data.caption_column': {meta} has no column {col!r}; its columns are "
-                    f"{', '.join(columns)}" if col == cfg.caption_column else
-                    f"data.dataset: {meta} needs a 'file_name' column; its columns are {', '.join(columns)}")
-        dataset = load_dataset("imagefolder", data_dir=str(folder), split=cfg.split)
-        return HFSource(dataset, "image", cfg.caption_column, str(folder))
-    if cfg.dataset.startswith((".", "/", "~")):
-        raise ConfigError(f"data.dataset: folder {cfg.dataset!r} does not exist")
-    try:
-        dataset = load_dataset(cfg.dataset, split=cfg.split)
-    except Exception as err:
-        raise ConfigError(
-            f"data.dataset: could not load {cfg.dataset!r} (split {cfg.split!r}): it is not a local folder, and "
-            f"the Hub dataset is not cached or cannot be reached (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE). "
-            f"({type(err).__name__}: {err})"
-        ) from err
-    for key, col in (("data.image_column", cfg.image_column), ("data.caption_column", cfg.caption_column)):
-        if col not in dataset.column_names:
-            raise ConfigError(f"config key '{key}': dataset {cfg.dataset!r} has no column {col!r}; "
-                              f"its columns are {', '.join(dataset.column_names)}")
-    return HFSource(dataset, cfg.image_column, cfg.caption_column, cfg.dataset)
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +98,15 @@ class SampleStream(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> dict:
         index = self.index_of(position)
-        image, caption = self.source.get(index)
+        for _ in range(self.size):
+            try:
+                image, caption = self.source.get(index)
+                break
+            except BadSample as bad:  # went bad after the audit: take the next one, deterministically
+                logger.warning("skipping %s at stream position %d; using the next sample", bad, position)
+                index = (index + 1) % self.size
+        else:
+            raise RuntimeError("no usable sample left in the dataset")
         pixel_values = prepare_image(image, self.cfg, sample_generator(self.seed, position, _AUGMENT_STREAM))
         return {"position": position, "index": index, "pixel_values": pixel_values, "caption": caption}
 

@@ -183,7 +183,9 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
     res = rgb.shape[0]
     # How far each pixel is from the white background, 0 (white) .. ~1 (saturated colour).
     dist = np.linalg.norm(1.0 - rgb, axis=-1) / np.sqrt(3.0)
-    component = _largest_component(dist > 0.15)
+    # A pixel belongs to the shape if it is at least a quarter as far from white as the most saturated
+    # pixel (and clearly off-white): a faint halo the model paints around a shape is not part of it.
+    component = _largest_component(dist > max(0.15, 0.25 * float(dist.max())))
     if component.sum() < 2:
         return Reading(None, None, None, 0.0)
     core = component & (dist >= 0.7 * dist[component].max())

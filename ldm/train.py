@@ -6,13 +6,14 @@
     4. components: frozen VAE + text encoder, trainable UNet, DDPM noise scheduler
     5. optionally encode the whole dataset once (small datasets)
     6. optimiser, LR schedule, EMA
-    7. the loop: draws → latents + prompt_embeds → train_step → backward → clip → step → EMA → log/validate
+    7. the loop: draws → latents + prompt_embeds → train_step → backward → clip → guard → step → EMA
+       → log / checkpoint / validate
     8. export a Diffusers pipeline
 """
 
 from __future__ import annotations
 
-import math
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,15 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ldm.cache import EncodedDataset, encode_stream
-from ldm.checkpoint import export_pipeline
+from ldm.checkpoint import (
+    check_disk_space,
+    estimate_checkpoint_bytes,
+    export_pipeline,
+    find_resume_folder,
+    incomplete_checkpoints,
+    load_training_state,
+    save_training_state,
+)
 from ldm.components import (
     TextEncoderInfo,
     VAEInfo,
@@ -36,14 +45,16 @@ from ldm.components import (
     encode_prompts,
     latent_distribution,
     load_text_encoder,
+    load_tokenizer,
     load_vae,
     unet_kwargs,
     unet_flops_per_image,
 )
 from ldm.config import Config, ConfigError, save_config
-from ldm.data import SampleStream, StreamBatches, open_source
+from ldm.data import SampleStream, StreamBatches
 from ldm.diffusion import SampleDraws, diffusion_loss, draw_samples, min_snr_weights, snr, training_target
 from ldm.images import make_grid, save_png
+from ldm.sources import open_audited
 from ldm.pipeline import assemble_pipeline, generate
 
 
@@ -103,6 +114,21 @@ def _batches(stream: SampleStream, sampler: StreamBatches, encoded: Optional[Enc
     yield from loader
 
 
+def _record(path: Path, step: int, batch: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps({"step": step, "positions": list(map(int, batch["position"])),
+                            "indices": list(map(int, batch["index"]))}) + "\n")
+
+
+def _check_ranks_agree(accelerator: Accelerator, unet) -> None:
+    """All processes must end with the same weights; a cheap checksum makes a divergence loud."""
+    checksum = torch.stack([p.detach().double().sum() for p in unet.parameters()]).sum().reshape(1)
+    sums = accelerator.gather(checksum.to(accelerator.device))
+    if not torch.all(sums == sums[0]):
+        raise RuntimeError(f"processes ended with different UNet weights (checksums {sums.tolist()})")
+    accelerator.print(f"final weights agree on {accelerator.num_processes} process(es): checksum {sums[0].item():.10e}")
+
+
 @contextmanager
 def ema_weights(unet, ema: Optional[EMAModel]):
     """Temporarily swap the EMA weights into `unet` (training weights restored afterwards)."""
@@ -157,8 +183,11 @@ def train(cfg: Config, dry_run: bool = False, show_progress: bool = True) -> Opt
         save_config(cfg, out / "config.yaml")
         if t.report_to != "none":
             accelerator.init_trackers("text2img")
-    # 3. Data: the replayable stream; columns were checked when the source opened.
-    stream = SampleStream(open_source(cfg.data), cfg.data, t.seed)
+    # 3. Data: columns checked, every sample audited (bad ones converted or skipped and counted).
+    stream = SampleStream(open_audited(cfg.data, load_tokenizer(cfg.model.text_encoder), accelerator),
+                          cfg.data, t.seed)
+    if main and hasattr(stream.source, "report"):
+        (out / "data_audit.json").write_text(json.dumps(stream.source.report.to_dict(), indent=1))
     # 4. Components. Frozen encoders in eval mode; the VAE in its configured dtype (fp32 by default).
     vae = load_vae(cfg.model.vae).to(device, getattr(torch, cfg.model.vae.dtype))
     tokenizer, text_encoder = load_text_encoder(cfg.model.text_encoder)
@@ -186,20 +215,38 @@ def train(cfg: Config, dry_run: bool = False, show_progress: bool = True) -> Opt
     if ema is not None:
         ema.to(device)
     unet, optimizer = accelerator.prepare(unet, optimizer)
+    # Resume: weights, EMA, optimizer, LR schedule, grad scaler, RNG and the data position.
+    ckpt_root = out / "checkpoints"
+    step, start_micro = 0, 0
+    if t.resume is not None:
+        for bad in incomplete_checkpoints(ckpt_root):
+            accelerator.print(f"ignoring incomplete checkpoint {bad} (a save was interrupted)")
+        folder = find_resume_folder(t.resume, ckpt_root)
+        if folder is None:
+            accelerator.print(f"train.resume=latest: no complete checkpoint in {ckpt_root}; starting from step 0")
+        else:
+            state = load_training_state(folder, unet, ema, optimizer, lr_schedule, accelerator)
+            step, start_micro = state.step, state.micro_step
+            accelerator.print(f"resumed from {folder} at step {step}")
+    if main and t.checkpoint_every:
+        check_disk_space(out, estimate_checkpoint_bytes(accelerator.unwrap_model(unet), ema is not None),
+                         "a checkpoint of this run")
     # 7. The loop. Micro-batch k of this process holds stream positions from StreamBatches.
     k_accum = t.gradient_accumulation_steps
-    sampler = StreamBatches(t.batch_size, 0, t.max_steps * k_accum, accelerator.process_index,
+    sampler = StreamBatches(t.batch_size, start_micro, t.max_steps * k_accum, accelerator.process_index,
                             accelerator.num_processes)
     latent_shape = (vae_info.latent_channels, cfg.data.resolution // vae_info.downsample,
                     cfg.data.resolution // vae_info.downsample)
     global_batch = t.batch_size * accelerator.num_processes * k_accum
-    step, running, window_start = 0, torch.zeros((), device=device), time.time()
-    bar = tqdm(total=t.max_steps, desc="stage 2 (UNet)", disable=not (show_progress and main))
+    running, window_start, window_steps, bad_streak = torch.zeros((), device=device), time.time(), 0, 0
+    bar = tqdm(total=t.max_steps, initial=step, desc="stage 2 (UNet)", disable=not (show_progress and main))
     unet.train()
     for batch in _batches(stream, sampler, encoded, cfg.data.num_workers, device.type == "cuda"):
         draws = draw_samples(t.seed, batch["position"], latent_shape, cfg.model.scheduler.num_train_timesteps,
                              cfg.data.caption_dropout)
         latents, prompt_embeds = _latents_and_embeds(batch, draws, encoded, vae, tokenizer, text_encoder, device)
+        if t.record_samples:
+            _record(out / f"samples_rank{accelerator.process_index}.jsonl", step + 1, batch)
         with accelerator.accumulate(unet):
             loss = train_step(unet, scheduler, latents, prompt_embeds, draws.noise.to(device),
                               draws.timesteps.to(device), cfg.model.scheduler.prediction_type, t.snr_gamma)
@@ -207,27 +254,42 @@ def train(cfg: Config, dry_run: bool = False, show_progress: bool = True) -> Opt
             running += loss.detach() / k_accum
             if not accelerator.sync_gradients:
                 continue
-            if t.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm)
-            optimizer.step()
+            # Non-finite guard: one host sync per optimizer step. Under fp16 the grad scaler already
+            # skips overflowing steps, so only a non-finite loss counts there.
+            grad_norm = accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm or float("inf"))
+            finite = torch.isfinite(loss.detach()) & (torch.isfinite(grad_norm) if accelerator.scaler is None
+                                                      else torch.ones((), dtype=torch.bool, device=device))
+            if bool(accelerator.reduce(finite.float(), reduction="sum") == accelerator.num_processes):
+                optimizer.step()
+                bad_streak = 0
+            else:
+                bad_streak += 1
+                accelerator.print(f"step {step + 1}: non-finite loss or gradient (loss {loss.item():.4g}, grad "
+                                  f"norm {float(grad_norm):.4g}); update skipped ({bad_streak} in a row)")
+                if t.nonfinite == "stop" or bad_streak >= t.max_nonfinite_steps:
+                    raise FloatingPointError(
+                        f"stopping at step {step + 1} after {bad_streak} non-finite step(s) (train.nonfinite="
+                        f"{t.nonfinite}, train.max_nonfinite_steps={t.max_nonfinite_steps}); lower train.lr, keep "
+                        "train.max_grad_norm on, keep the VAE in float32, or check the data")
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
+        if ema is not None and bad_streak == 0:
             ema.step(unet.parameters())
         step += 1
+        window_steps += 1
         bar.update(1)
         if step % t.log_every == 0 or step == t.max_steps:
-            n = t.log_every if step % t.log_every == 0 else step % t.log_every
-            mean_loss = accelerator.reduce(running, reduction="mean").item() / n  # one host sync per window
-            rate = n * global_batch / max(time.time() - window_start, 1e-9)
+            mean_loss = accelerator.reduce(running, reduction="mean").item() / window_steps
+            rate = window_steps * global_batch / max(time.time() - window_start, 1e-9)
             lr = lr_schedule.get_last_lr()[0]
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-            accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": rate}, step=step)
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"training loss became {mean_loss} at step {step}; lower train.lr, "
-                                         "enable gradient clipping, or keep the VAE in float32")
+            accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": rate,
+                             "train/grad_norm": float(grad_norm)}, step=step)
             running.zero_()
-            window_start = time.time()
+            window_start, window_steps = time.time(), 0
+        if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.max_steps):
+            save_training_state(ckpt_root, step, step * k_accum, unet, ema, optimizer, lr_schedule, accelerator,
+                                cfg, t.checkpoints_total_limit)
         if t.validate_every and step % t.validate_every == 0 and step < t.max_steps and main:
             base = accelerator.unwrap_model(unet)
             with ema_weights(base, ema if t.ema_for_export else None):
@@ -235,7 +297,7 @@ def train(cfg: Config, dry_run: bool = False, show_progress: bool = True) -> Opt
             base.train()
     bar.close()
     # 8. Export (EMA weights by default) and a last validation grid.
-    accelerator.wait_for_everyone()
+    _check_ranks_agree(accelerator, unet)
     folder = out / "pipeline"
     if main:
         base = accelerator.unwrap_model(unet).eval()

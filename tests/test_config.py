@@ -95,13 +95,13 @@ def test_missing_vae_folder_points_to_stage_1(tiny, tmp_path):
 
 
 def test_missing_caption_column_lists_the_columns(write_imagefolder):
-    from ldm.data import open_source
+    from ldm.sources import open_source
 
     folder = write_imagefolder(caption_column="caption")
     cfg = load_config(None, [f"data.dataset={folder}", "data.caption_column=text"])
     with pytest.raises(ConfigError) as err:
         open_source(cfg.data)
-    assert "no column 'text'" in str(err.value) and "file_name, caption, source" in str(err.value)
+    assert "no column 'text'" in str(err.value) and "caption, file_name, source" in str(err.value)
 
 
 def test_uncached_hub_id_fails_with_one_clear_offline_message(monkeypatch):

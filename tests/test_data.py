@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from ldm.config import load_config
-from ldm.data import SampleStream, open_source, prepare_image, to_rgb
+from ldm.data import SampleStream, prepare_image, to_rgb
+from ldm.sources import open_source
 
 
 def test_imagefolder_with_custom_caption_column(write_imagefolder):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from ldm.shapes import COLOURS, POSITIONS, SHAPES, ShapeSpec, ShapesDataset, all_specs, read_image, render, score
+from ldm.shapes import COLOURS, POSITIONS, SHAPES, ShapeSpec, ShapesDataset, all_specs, read_image, score
 
 
 @pytest.mark.parametrize("resolution", [32, 64])

@@ -103,7 +103,8 @@ def test_precomputed_and_on_the_fly_batches_agree(tiny, tmp_path):
     """The same batch and draws give the same latents and prompt_embeds with or without pre-encoding."""
     from ldm.cache import encode_stream
     from ldm.components import load_text_encoder, load_vae
-    from ldm.data import SampleStream, open_source
+    from ldm.data import SampleStream
+    from ldm.sources import open_source
     from ldm.diffusion import draw_samples
     from ldm.train import _latents_and_embeds
 
@@ -171,7 +172,8 @@ def test_stage_one_autoencoder(tmp_path):
     assert metrics["held_out_images"] == 4 and 5.0 < metrics["psnr_db"] < 60.0
     assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
     # The scaling factor normalises the training latents (samples of q(z|x)) to unit standard deviation.
-    from ldm.data import open_source, prepare_image
+    from ldm.data import prepare_image
+    from ldm.sources import open_source
 
     source = open_source(cfg.data)
     x = torch.stack([prepare_image(source.get(i)[0], cfg.data) for i in range(32)])

@@ -1,0 +1,343 @@
+"""Where images and captions come from, and the audit that keeps bad data from crashing a run.
+
+Sources: the built-in `shapes`, a local imagefolder (`metadata.jsonl` / `metadata.csv` with a
+`file_name` column and a caption column) and Hugging Face Hub datasets (`datasets.load_dataset`).
+A local folder's metadata is read line by line rather than through Arrow, because Arrow's typed
+columns reject the very rows an audit must count (a number where a caption should be, a broken line).
+
+The audit decodes every sample once before training. Each problem is either *converted* (image mode
+→ RGB, EXIF rotation, first frame of an animation, a non-string caption → text, an over-long caption
+→ truncated) or *skipped*, and every kind is counted with examples. If more than
+`data.max_bad_fraction` of the samples would be skipped, training stops before it starts and lists
+the offending files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ldm.config import ConfigError, DataConfig
+
+
+class Source(Protocol):
+    def __len__(self) -> int: ...
+    def get(self, index: int) -> tuple[Image.Image, str]: ...
+
+
+class BadSample(ValueError):
+    """One sample cannot be used; `reason` is the counted kind."""
+
+    def __init__(self, reason: str, name: str, detail: str = ""):
+        super().__init__(f"{name}: {reason}{' (' + detail + ')' if detail else ''}")
+        self.reason, self.name = reason, name
+
+
+def decode_image(data: bytes | Path, name: str, notes: Optional[list[str]] = None) -> Image.Image:
+    """Open and fully decode an image; raise BadSample naming the kind of failure."""
+    notes = notes if notes is not None else []
+    if isinstance(data, Path) and data.stat().st_size == 0 or isinstance(data, bytes) and not data:
+        raise BadSample("empty file", name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+            if getattr(image, "n_frames", 1) > 1:
+                notes.append("animated image: first frame used")
+                image.seek(0)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadSample("decompression bomb (too many pixels)", name, str(err)[:80]) from err
+    except UnidentifiedImageError as err:
+        raise BadSample("not an image or corrupt", name) from err
+    except (OSError, SyntaxError, ValueError) as err:
+        kind = "truncated image" if "truncated" in str(err) else "corrupt image data"
+        raise BadSample(kind, name, str(err)[:80]) from err
+    transposed = ImageOps.exif_transpose(image)
+    if transposed is not image and image.getexif().get(0x0112, 1) != 1:
+        notes.append("EXIF orientation applied")
+    return transposed
+
+
+def normalise_caption(caption: object, name: str, notes: list[str]) -> str:
+    if caption is None:
+        raise BadSample("missing caption", name)
+    if not isinstance(caption, str):
+        if isinstance(caption, (list, tuple)) and caption and all(isinstance(c, str) for c in caption):
+            notes.append("caption list: first entry used")
+            caption = caption[0]
+        elif isinstance(caption, (int, float, bool)):
+            notes.append("non-string caption converted to text")
+            caption = str(caption)
+        else:
+            raise BadSample("unusable caption type", name, type(caption).__name__)
+    if not caption.strip():
+        raise BadSample("empty caption", name)
+    return caption.strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+class ShapesSource:
+    def __init__(self, cfg: DataConfig):
+        from ldm.shapes import ShapesDataset
+
+        self.dataset = ShapesDataset(cfg.shapes.num_images, cfg.resolution, seed=cfg.shapes.seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def get(self, index: int) -> tuple[Image.Image, str]:
+        item = self.dataset[index]
+        return item["image"], item["text"]
+
+
+@dataclass
+class FolderRow:
+    file_name: object
+    caption: object
+    line: int
+
+
+class FolderSource:
+    """A local imagefolder; every file path is checked to stay inside the folder (no `../`, absolute
+    paths or symlinks out)."""
+
+    def __init__(self, folder: Path, caption_column: str):
+        self.folder = folder.resolve()
+        self.rows, self.unreadable = _read_metadata(folder, caption_column)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def name(self, index: int) -> str:
+        return str(self.rows[index].file_name)
+
+    def resolve(self, index: int) -> Path:
+        row = self.rows[index]
+        name = str(row.file_name)
+        if not isinstance(row.file_name, str) or not name.strip():
+            raise BadSample("missing file_name", f"metadata line {row.line}")
+        if Path(name).is_absolute():
+            raise BadSample("absolute path in file_name", name)
+        path = (self.folder / name).resolve()  # follows symlinks
+        if not path.is_relative_to(self.folder):
+            raise BadSample("path escapes the dataset folder", name)
+        if not path.is_file():
+            raise BadSample("missing file", name)
+        return path
+
+    def get(self, index: int, notes: Optional[list[str]] = None) -> tuple[Image.Image, str]:
+        notes = notes if notes is not None else []
+        path = self.resolve(index)
+        caption = normalise_caption(self.rows[index].caption, str(self.rows[index].file_name), notes)
+        return decode_image(path, str(self.rows[index].file_name), notes), caption
+
+
+def _read_metadata(folder: Path, caption_column: str) -> tuple[list[FolderRow], list[int]]:
+    rows, unreadable = [], []
+    jsonl, csv_file = folder / "metadata.jsonl", folder / "metadata.csv"
+    if jsonl.is_file():
+        columns: set[str] = set()
+        for n, line in enumerate(jsonl.read_text(errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                assert isinstance(row, dict)
+            except (ValueError, AssertionError):
+                unreadable.append(n)
+                continue
+            columns |= row.keys()
+            rows.append(FolderRow(row.get("file_name"), row.get(caption_column), n))
+    elif csv_file.is_file():
+        with csv_file.open(newline="", errors="replace") as f:
+            reader = csv.DictReader(f)
+            columns = set(reader.fieldnames or [])
+            for n, row in enumerate(reader, start=2):
+                rows.append(FolderRow(row.get("file_name"), row.get(caption_column), n))
+    else:
+        raise ConfigError(
+            f"data.dataset: folder {str(folder)!r} has no metadata.jsonl or metadata.csv; add one with a "
+            "'file_name' column and a caption column (see README, 'Your own images')"
+        )
+    meta = jsonl if jsonl.is_file() else csv_file
+    if "file_name" not in columns:
+        raise ConfigError(f"data.dataset: {meta} needs a 'file_name' column; its columns are {', '.join(sorted(columns))}")
+    if caption_column not in columns:
+        raise ConfigError(f"config key 'data.caption_column': {meta} has no column {caption_column!r}; its columns "
+                          f"are {', '.join(sorted(columns))}")
+    return rows, unreadable
+
+
+class HubSource:
+    """A `datasets.Dataset` (Hub); images decoded here so a bad one is counted, not fatal."""
+
+    def __init__(self, dataset, image_column: str, caption_column: str, origin: str):
+        from datasets import Image as ImageFeature
+
+        self.dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+        self.image_column, self.caption_column, self.origin = image_column, caption_column, origin
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def name(self, index: int) -> str:
+        ref = self.dataset[index][self.image_column] or {}
+        return ref.get("path") or f"{self.origin}[{index}]"
+
+    def get(self, index: int, notes: Optional[list[str]] = None) -> tuple[Image.Image, str]:
+        notes = notes if notes is not None else []
+        row = self.dataset[index]
+        ref, name = row[self.image_column] or {}, self.name(index)
+        data = ref.get("bytes") or (Path(ref["path"]) if ref.get("path") else None)
+        if data is None:
+            raise BadSample("missing image", name)
+        caption = normalise_caption(row[self.caption_column], name, notes)
+        return decode_image(data, name, notes), caption
+
+
+def open_source(cfg: DataConfig) -> Source:
+    """The configured dataset, with its columns checked before any model is built."""
+    if cfg.dataset == "shapes":
+        return ShapesSource(cfg)
+    folder = Path(cfg.dataset).expanduser()
+    if folder.is_dir():
+        return FolderSource(folder, cfg.caption_column)
+    if cfg.dataset.startswith((".", "/", "~")):
+        raise ConfigError(f"data.dataset: folder {cfg.dataset!r} does not exist")
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(cfg.dataset, split=cfg.split)
+    except Exception as err:
+        raise ConfigError(
+            f"data.dataset: could not load {cfg.dataset!r} (split {cfg.split!r}): it is not a local folder, and "
+            f"the Hub dataset is not cached or cannot be reached (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE). "
+            f"({type(err).__name__}: {err})"
+        ) from err
+    for key, col in (("data.image_column", cfg.image_column), ("data.caption_column", cfg.caption_column)):
+        if col not in dataset.column_names:
+            raise ConfigError(f"config key '{key}': dataset {cfg.dataset!r} has no column {col!r}; "
+                              f"its columns are {', '.join(dataset.column_names)}")
+    return HubSource(dataset, cfg.image_column, cfg.caption_column, cfg.dataset)
+
+
+# --------------------------------------------------------------------------------------------
+# The audit
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataReport:
+    total: int = 0
+    kept: list[int] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    converted: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def note(self, kind: str, name: str, counter: Counter) -> None:
+        counter[kind] += 1
+        self.examples.setdefault(kind, [])
+        if len(self.examples[kind]) < 3:
+            self.examples[kind].append(name)
+
+    @property
+    def bad_fraction(self) -> float:
+        return sum(self.skipped.values()) / max(self.total, 1)
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "usable": len(self.kept), "skipped": dict(self.skipped),
+                "converted": dict(self.converted), "examples": self.examples}
+
+    def summary(self) -> str:
+        lines = [f"data audit: {len(self.kept)} of {self.total} samples usable"]
+        for title, counter in (("skipped", self.skipped), ("converted", self.converted)):
+            for kind, n in counter.most_common():
+                lines.append(f"  {title:9s} {n:6d} × {kind}  e.g. {', '.join(self.examples[kind])}")
+        return "\n".join(lines)
+
+
+def audit(source: Source, cfg: DataConfig, tokenizer=None) -> DataReport:
+    """Decode every sample once; count what is converted and what is skipped."""
+    report = DataReport(total=len(source) + len(getattr(source, "unreadable", [])))
+    for line in getattr(source, "unreadable", []):
+        report.note("unreadable metadata line", f"line {line}", report.skipped)
+    if isinstance(source, ShapesSource):  # procedural: nothing to check
+        report.kept = list(range(len(source)))
+        return report
+    limit = tokenizer.model_max_length if tokenizer is not None else None
+    min_side = cfg.min_image_size if cfg.min_image_size is not None else max(cfg.resolution // 4, 1)
+    for index in range(len(source)):
+        notes: list[str] = []
+        try:
+            image, caption = source.get(index, notes)
+            w, h = image.size
+            if min(w, h) < min_side:
+                raise BadSample(f"image smaller than {min_side} px", source.name(index), f"{w}×{h}")
+            if max(w, h) / min(w, h) > cfg.max_aspect_ratio:
+                raise BadSample(f"aspect ratio above {cfg.max_aspect_ratio:g}", source.name(index), f"{w}×{h}")
+        except BadSample as bad:
+            report.note(bad.reason, bad.name, report.skipped)
+            continue
+        if image.mode != "RGB":
+            notes.append(f"image mode {image.mode} converted to RGB")
+        if limit is not None and len(tokenizer(caption, truncation=False).input_ids) > limit:
+            notes.append(f"caption longer than {limit} tokens: truncated")
+        for kind in notes:
+            report.note(kind, source.name(index), report.converted)
+        report.kept.append(index)
+    if report.bad_fraction > cfg.max_bad_fraction or not report.kept:
+        offenders = [n for kind in report.skipped for n in report.examples[kind]]
+        raise ConfigError(
+            f"{report.summary()}\n{100 * report.bad_fraction:.1f} % of the samples are unusable, more than "
+            f"data.max_bad_fraction={cfg.max_bad_fraction:g}; fix or remove them (e.g. {', '.join(offenders[:10])}) "
+            "or raise data.max_bad_fraction"
+        )
+    return report
+
+
+class AuditedSource:
+    """Only the samples an audit kept, renumbered 0..n-1."""
+
+    def __init__(self, source: Source, report: DataReport):
+        self.source, self.report, self.kept = source, report, report.kept
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def get(self, index: int) -> tuple[Image.Image, str]:
+        return self.source.get(self.kept[index])
+
+
+def open_audited(cfg: DataConfig, tokenizer=None, accelerator=None) -> Source:
+    """`open_source` + `audit` (on the main process; the verdict is shared with the others)."""
+    source = open_source(cfg)
+    if not cfg.audit or isinstance(source, ShapesSource):
+        return source
+    main = accelerator is None or accelerator.is_main_process
+    outcome: object = None
+    if main:
+        try:
+            outcome = audit(source, cfg, tokenizer)
+            print(outcome.summary())
+        except ConfigError as err:
+            outcome = err
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        outcome = broadcast_object_list([outcome])[0]
+    if isinstance(outcome, ConfigError):
+        raise outcome
+    return AuditedSource(source, outcome)

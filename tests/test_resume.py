@@ -1,0 +1,260 @@
+"""Training you can trust: exact resume after SIGKILL, crash-safe checkpoints, accumulation, two processes,
+numerical guards, disk space."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from ldm.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A run long enough to be killed mid-epoch: 24 images, 8 samples per optimizer step (batch 4 ×
+# accumulation 2), so an epoch is 3 steps and step 4 is inside the second epoch.
+RUN = ["data.shapes.num_images=24", "train.batch_size=4", "train.gradient_accumulation_steps=2",
+       "train.max_steps=9", "train.checkpoint_every=2", "train.checkpoints_total_limit=2", "train.ema_decay=0.9",
+       "train.lr_scheduler=cosine", "train.lr_warmup_steps=2", "train.record_samples=true",
+       "train.log_every=3"]
+
+# Runs scripts/train_text2img.py with a test-only slowdown, so the test can SIGKILL it at a chosen point.
+LAUNCHER = """
+import sys, time, runpy
+import ldm.train, ldm.checkpoint
+mode, seconds = sys.argv[1], float(sys.argv[2])
+if mode == "step":
+    inner = ldm.train.train_step
+    def slow_step(*a, **k):
+        time.sleep(seconds)
+        return inner(*a, **k)
+    ldm.train.train_step = slow_step
+elif mode == "checkpoint":
+    inner = ldm.checkpoint._save_tensors
+    def slow_save(tensors, path):
+        inner(tensors, path)
+        if path.name == "unet.safetensors" and "step_000004" in str(path):
+            time.sleep(seconds)  # a checkpoint half written: the test kills us here
+    ldm.checkpoint._save_tensors = slow_save
+sys.argv = ["train_text2img.py"] + sys.argv[3:]
+runpy.run_path("scripts/train_text2img.py", run_name="__main__")
+"""
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _write_config(path: Path, overrides: list[str]) -> Path:
+    tree: dict = {}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _launch_and_kill(tmp: Path, config: Path, mode: str, seconds: float, kill_when: Path) -> None:
+    launcher = tmp / "launcher.py"
+    launcher.write_text(LAUNCHER)
+    proc = subprocess.Popen([sys.executable, str(launcher), mode, str(seconds), "--config", str(config)],
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while not kill_when.exists():
+        if proc.poll() is not None:
+            raise AssertionError("run ended before it could be killed:\n" + proc.stdout.read().decode()[-3000:])
+        assert time.time() < deadline, "timed out waiting for " + str(kill_when)
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _final_state(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    folder = out / "checkpoints" / "step_000009"
+    return {"unet": load_file(str(folder / "unet.safetensors")), "ema": load_file(str(folder / "ema.safetensors")),
+            "state": json.loads((folder / "state.json").read_text())}
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _samples(out: Path, rank: int = 0) -> dict[int, list[list[int]]]:
+    steps: dict[int, list[list[int]]] = {}
+    for line in (out / f"samples_rank{rank}.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        steps.setdefault(row["step"], []).append(row["indices"])
+    return steps
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory) -> Path:
+    from ldm.train import train
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(load_config(None, tiny_overrides(tiny, out) + RUN), show_progress=False)
+    return out
+
+
+def test_exact_resume_after_sigkill_mid_epoch(tiny, tmp_path, uninterrupted):
+    out = tmp_path / "killed"
+    config = _write_config(tmp_path / "run.yaml", tiny_overrides(tiny, out) + RUN)
+    _launch_and_kill(tmp_path, config, "step", 0.4, out / "checkpoints" / "step_000004")
+    assert not (out / "checkpoints" / "step_000009").exists(), "the run was meant to die mid-way"
+    proc = subprocess.run([sys.executable, "scripts/train_text2img.py", "--config", str(config), "train.resume=latest"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout and "step_000004" in proc.stdout
+    a, b = _final_state(uninterrupted), _final_state(out)
+    assert _max_diff(a["unet"], b["unet"]) <= 1e-6
+    assert _max_diff(a["ema"], b["ema"]) <= 1e-6
+    assert a["state"]["lr_schedule"]["_last_lr"] == pytest.approx(b["state"]["lr_schedule"]["_last_lr"], rel=1e-9)
+    # The same samples after the resume as in the uninterrupted run (steps 5.. were redone or new).
+    ref, resumed = _samples(uninterrupted), _samples(out)
+    for step in range(5, 10):
+        assert resumed[step][-2:] == ref[step], step  # the last two micro-batches written for each step
+
+
+def test_sigkill_while_checkpoint_is_written(tiny, tmp_path, uninterrupted):
+    out = tmp_path / "killed-in-save"
+    config = _write_config(tmp_path / "run.yaml", tiny_overrides(tiny, out) + RUN)
+    _launch_and_kill(tmp_path, config, "checkpoint", 30.0,
+                     out / "checkpoints" / "step_000004.tmp" / "unet.safetensors")
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002", "step_000004.tmp"]
+    proc = subprocess.run([sys.executable, "scripts/train_text2img.py", "--config", str(config), "train.resume=latest"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "ignoring incomplete checkpoint" in proc.stdout and "step_000004.tmp" in proc.stdout
+    assert "resumed from" in proc.stdout and "step_000002" in proc.stdout
+    assert _max_diff(_final_state(uninterrupted)["unet"], _final_state(out)["unet"]) <= 1e-6
+    # Retention: only the newest two complete checkpoints are kept.
+    assert sorted(p.name for p in ckpts.iterdir() if not p.name.endswith(".tmp")) == ["step_000008", "step_000009"]
+
+
+def test_accumulation_equals_one_big_batch(tiny, tmp_path):
+    from ldm.train import train
+
+    base = tiny_overrides(tiny, tmp_path) + ["train.max_steps=2", "train.checkpoint_every=1", "train.ema_decay=0.9",
+                                             "train.lr_scheduler=linear", "train.lr_warmup_steps=1"]
+    train(load_config(None, base + [f"train.output_dir={tmp_path / 'k2'}", "train.batch_size=2",
+                                     "train.gradient_accumulation_steps=2"]), show_progress=False)
+    train(load_config(None, base + [f"train.output_dir={tmp_path / 'k1'}", "train.batch_size=4"]), show_progress=False)
+    a = tmp_path / "k2" / "checkpoints" / "step_000002"
+    b = tmp_path / "k1" / "checkpoints" / "step_000002"
+    assert _max_diff(load_file(str(a / "unet.safetensors")), load_file(str(b / "unet.safetensors"))) <= 1e-6
+    state = json.loads((a / "state.json").read_text())
+    # Optimizer, EMA and LR schedule stepped once per optimizer step, not per micro-batch.
+    assert state["ema"]["optimization_step"] == 2 and state["lr_schedule"]["last_epoch"] == 2
+    assert state["micro_step"] == 4
+
+
+def test_two_processes_match_one_process_at_twice_the_batch(tiny, tmp_path):
+    """accelerate launch, 2 CPU processes (gloo): identical ranks, different samples, one LR schedule."""
+    # adam_epsilon 1e-4: DDP's all-reduce sums gradients in another order than one big batch (fp32 noise ~1e-7
+    # relative), and Adam's update g/(|g| + ε) turns that noise into lr-sized differences wherever |g| ≈ ε.
+    # With ε well above that scale the two runs agree to 1.6e-7 (1.4e-4 with ε = 1e-8).
+    common = tiny_overrides(tiny, tmp_path) + ["train.max_steps=3", "train.checkpoint_every=3", "train.adam_epsilon=1e-4",
+                                               "train.record_samples=true", "train.lr_scheduler=cosine"]
+    two = _write_config(tmp_path / "two.yaml", common + [f"train.output_dir={tmp_path / 'two'}", "train.batch_size=2"])
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "scripts/train_text2img.py", "--config", str(two)],
+                          cwd=ROOT, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "final weights agree on 2 process(es)" in proc.stdout
+    from ldm.train import train
+
+    train(load_config(None, common + [f"train.output_dir={tmp_path / 'one'}", "train.batch_size=4"]),
+          show_progress=False)
+    a, b = tmp_path / "two" / "checkpoints" / "step_000003", tmp_path / "one" / "checkpoints" / "step_000003"
+    assert _max_diff(load_file(str(a / "unet.safetensors")), load_file(str(b / "unet.safetensors"))) <= 1e-6
+    sa, sb = json.loads((a / "state.json").read_text()), json.loads((b / "state.json").read_text())
+    assert sa["world_size"] == 2 and sa["lr_schedule"]["last_epoch"] == sb["lr_schedule"]["last_epoch"] == 3
+    assert sorted(p.name for p in a.glob("rng_rank*.safetensors")) == ["rng_rank0.safetensors", "rng_rank1.safetensors"]
+    r0, r1, one = _samples(tmp_path / "two", 0), _samples(tmp_path / "two", 1), _samples(tmp_path / "one")
+    for step in (1, 2, 3):
+        assert set(r0[step][0]).isdisjoint(r1[step][0])  # ranks see different samples (so draw different noise)
+        assert r0[step][0] + r1[step][0] == one[step][0]  # together: the 1-process batch, in order
+
+
+def test_nonfinite_loss_is_skipped_then_stops(tiny, tmp_path, monkeypatch, capsys):
+    import ldm.train
+
+    inner = ldm.train.train_step
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss = inner(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(ldm.train, "train_step", flaky)
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path) + ["train.max_steps=4", "train.checkpoint_every=2"])
+    ldm.train.train(cfg, show_progress=False)
+    assert "step 2: non-finite loss or gradient" in capsys.readouterr().out
+    weights = load_file(str(tmp_path / "checkpoints" / "step_000004" / "unet.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+    calls["n"] = 0
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path / "stop") + ["train.max_steps=4", "train.nonfinite=stop"])
+    with pytest.raises(FloatingPointError, match="stopping at step 2 after 1 non-finite step"):
+        ldm.train.train(cfg, show_progress=False)
+
+    monkeypatch.setattr(ldm.train, "train_step", lambda *a, **k: inner(*a, **k) * float("nan"))
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path / "streak") + ["train.max_steps=9", "train.max_nonfinite_steps=3"])
+    with pytest.raises(FloatingPointError, match="after 3 non-finite step"):
+        ldm.train.train(cfg, show_progress=False)
+
+
+def test_full_disk_fails_before_training(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    from ldm.checkpoint import DiskSpaceError
+    from ldm.train import train
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1000))
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path) + ["train.checkpoint_every=1"])
+    with pytest.raises(DiskSpaceError, match="GiB is free"):
+        train(cfg, show_progress=False)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_from_a_path_that_is_not_a_checkpoint(tiny, tmp_path):
+    from ldm.train import train
+
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path) + [f"train.resume={tmp_path}"])
+    with pytest.raises(ValueError, match="not a complete checkpoint folder"):
+        train(cfg, show_progress=False)
+
+
+def test_hub_token_is_never_taken_from_the_cli_nor_written(tiny, tmp_path, monkeypatch):
+    from ldm.config import ConfigError
+    from ldm.train import train
+
+    secret = "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42"
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(None, [f"train.hub_token={secret}"])
+    monkeypatch.setenv("HF_TOKEN", secret)
+    out = tmp_path / "run"
+    train(load_config(None, tiny_overrides(tiny, out) + ["train.report_to=tensorboard", "train.checkpoint_every=1",
+                                                         "train.validate_every=1"]), show_progress=False)
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name.startswith("events.out.tfevents") for p in written)  # the tracker did write logs
+    assert not [p for p in written if secret.encode() in p.read_bytes()]
