@@ -4,7 +4,7 @@ A checkpoint is a folder `checkpoints/step_NNNNNN/` holding only safetensors and
 ever unpickled on resume):
 
     unet.safetensors          training weights (fp32)
-    ema.safetensors           EMA shadow weights, when EMA is on
+    ema.safetensors           EMA shadow weights by parameter name, when EMA is on
     optimizer.safetensors     AdamW moments and step counts; param groups in state.json
     rng_rank{r}.safetensors   torch / CUDA / NumPy generator states of process r (Python's in state.json)
     state.json                step, micro-step (the data position), LR schedule, grad scaler, EMA
@@ -161,7 +161,9 @@ def save_training_state(root: str | Path, step: int, micro_step: int, unet, ema,
         _save_tensors(dict(base.state_dict()), tmp / "unet.safetensors")
         ema_meta = None
         if ema is not None:
-            _save_tensors({str(i): p for i, p in enumerate(ema.shadow_params)}, tmp / "ema.safetensors")
+            # Keyed by parameter name: the file loads straight into a UNet with load_state_dict(strict=False).
+            names = [name for name, _ in base.named_parameters()]
+            _save_tensors(dict(zip(names, ema.shadow_params, strict=True)), tmp / "ema.safetensors")
             ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
         opt_tensors, opt_meta = _optimizer_tensors(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
         _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
@@ -237,7 +239,7 @@ def load_training_state(folder: Path, unet, ema, optimizer, lr_schedule, acceler
             raise ValueError(f"{folder} was saved without EMA but train.ema_decay is set; set train.ema_decay=null "
                              "or start a new run")
         shadow = load_file(str(folder / "ema.safetensors"))
-        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[name] for name, _ in base.named_parameters()]})
         ema.to(accelerator.device)
     inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
     _load_optimizer(inner, load_file(str(folder / "optimizer.safetensors"), device=str(accelerator.device)),

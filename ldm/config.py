@@ -129,6 +129,9 @@ class TrainConfig:
     attention: Literal["sdpa", "xformers"] = "sdpa"
     snr_gamma: Optional[float] = None  # min-SNR-γ loss weighting (Hang et al. 2023); 5.0 is typical
     ema_decay: Optional[float] = 0.9999  # None disables EMA
+    # EMA warm-up: decay 1 − (1 + n)^(−2/3) capped at ema_decay (Diffusers' use_ema_warmup); without it
+    # the decay still ramps as min(ema_decay, (1 + n)/(10 + n)) over the first optimizer steps.
+    ema_warmup: bool = False
     ema_for_export: bool = True  # export (and validate) the EMA weights when EMA is on
     log_every: int = 10
     validate_every: int = 500  # 0 disables the periodic validation grid

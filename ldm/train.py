@@ -211,7 +211,8 @@ def train(cfg: Config, dry_run: bool = False, show_progress: bool = True) -> Opt
                                   weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
     lr_schedule = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                                 num_training_steps=t.max_steps)
-    ema = EMAModel(unet.parameters(), decay=t.ema_decay) if t.ema_decay is not None else None
+    ema = EMAModel(unet.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup) \
+        if t.ema_decay is not None else None
     if ema is not None:
         ema.to(device)
     unet, optimizer = accelerator.prepare(unet, optimizer)

@@ -171,7 +171,8 @@ def test_two_processes_match_one_process_at_twice_the_batch(tiny, tmp_path):
     # With ε well above that scale the two runs agree to 1.6e-7 (1.4e-4 with ε = 1e-8).
     common = tiny_overrides(tiny, tmp_path) + ["train.max_steps=3", "train.checkpoint_every=3", "train.adam_epsilon=1e-4",
                                                "train.record_samples=true", "train.lr_scheduler=cosine"]
-    two = _write_config(tmp_path / "two.yaml", common + [f"train.output_dir={tmp_path / 'two'}", "train.batch_size=2"])
+    two = _write_config(tmp_path / "two.yaml", common + [f"train.output_dir={tmp_path / 'two'}", "train.batch_size=2",
+                                                         "train.validate_every=2"])  # rank 0 validates mid-run
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                            "scripts/train_text2img.py", "--config", str(two)],
@@ -258,3 +259,19 @@ def test_hub_token_is_never_taken_from_the_cli_nor_written(tiny, tmp_path, monke
     written = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.name.startswith("events.out.tfevents") for p in written)  # the tracker did write logs
     assert not [p for p in written if secret.encode() in p.read_bytes()]
+
+
+def test_validation_with_ema_restores_the_training_weights(tiny, tmp_path):
+    from ldm.train import train
+
+    base = tiny_overrides(tiny, tmp_path) + ["train.max_steps=3", "train.checkpoint_every=3", "train.ema_decay=0.5",
+                                             "train.ema_warmup=true"]
+    train(load_config(None, base + [f"train.output_dir={tmp_path / 'v'}", "train.validate_every=1"]), show_progress=False)
+    train(load_config(None, base + [f"train.output_dir={tmp_path / 'n'}", "train.validate_every=0"]), show_progress=False)
+    a = tmp_path / "v" / "checkpoints" / "step_000003"
+    b = tmp_path / "n" / "checkpoints" / "step_000003"
+    assert _max_diff(load_file(str(a / "unet.safetensors")), load_file(str(b / "unet.safetensors"))) == 0.0
+    assert _max_diff(load_file(str(a / "ema.safetensors")), load_file(str(b / "ema.safetensors"))) == 0.0
+    # and the EMA weights really differ from the training weights (so the swap was not a no-op)
+    unet, ema = load_file(str(a / "unet.safetensors")), load_file(str(a / "ema.safetensors"))
+    assert (unet["conv_in.weight"] - ema["conv_in.weight"]).abs().max() > 1e-6
