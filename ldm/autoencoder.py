@@ -113,3 +113,11 @@ def train_autoencoder(cfg: Config, show_progress: bool = True) -> Path:
     print(f"stage 1: held-out PSNR {held_psnr:.2f} dB on {held} images, scaling_factor {scaling:.4f}, "
           f"{metrics['parameters'] / 1e6:.2f}M params, {metrics['minutes']} min -> {out}")
     return out
+
+
+def save_untrained_autoencoder(cfg: Config, folder: str | Path) -> Path:
+    """The stage-1 architecture with random weights, saved in Diffusers format (same cost as a trained one:
+    for benchmarks where no trained VAE is at hand)."""
+    torch.manual_seed(cfg.autoencoder.seed)
+    build_autoencoder(cfg.autoencoder, cfg.data.resolution).save_pretrained(folder, safe_serialization=True)
+    return Path(folder)

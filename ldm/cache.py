@@ -1,57 +1,174 @@
-"""Frozen encoders run once: latent distributions and prompt embeddings, precomputed.
+"""Frozen encoders run once: latent distributions and prompt embeddings cached on disk, fingerprinted.
 
-`encode_stream` encodes every image of a dataset once (centre crop, no flip) and every unique
-caption once, keeping the latent *distribution* (mean and std) rather than one sample, so each use
-of an image still draws a fresh z = mean + std · ε from q(z|x), as on-the-fly encoding does.
-Row 0 of the embedding table is the empty caption used for caption dropout.
+Layout under `data.cache_dir`:
+
+    latents-<fp>/shard-r<rank>-<n>.safetensors   mean, std (n, C, h, w) × scaling_factor; keys in metadata
+    text-<fp>/shard-r<rank>-<n>.safetensors      prompt_embeds (n, L, D); keys in metadata
+
+The folder fingerprint `<fp>` covers everything that changes the result besides the item itself:
+for latents the VAE's weights, dtype and scaling factor, the resolution and the crop; for text the
+tokenizer (vocabulary, length) and the encoder's weights. Inside, each latent is keyed by the sha256
+of the image's bytes (and the flip variant), each embedding by the caption's sha256. So a changed
+image re-encodes that image only, a changed resolution or VAE re-encodes the latents but keeps the
+text, a changed text encoder re-encodes the text only, and stale data is never served.
+
+The latent *distribution* is kept (mean and std), so each use of an image still draws a fresh
+z = mean + std · ε, as on-the-fly encoding does. Shards are written atomically (temporary name,
+rename) every `shard_size` items: an interrupted build resumes where it stopped. On several
+processes each rank encodes a disjoint share of what is missing. Training memory-maps the shards.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import struct
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ldm.components import encode_prompts, latent_distribution
-from ldm.data import SampleStream, prepare_image
+from ldm.data import SampleStream, flip_decision, prepare_image
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def mmap_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors of a safetensors file as zero-copy views of a memory map (pages load on demand)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", {})
+    if not header:
+        return {}, meta
+    buffer = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n)
+    tensors = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        arr = buffer[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        tensor = torch.from_numpy(arr)
+        tensors[name] = tensor.view(torch.bfloat16) if info["dtype"] == "BF16" else tensor
+    return tensors, meta
+
+
+class ShardStore:
+    """Key → tensors rows, over all shards of one fingerprinted folder."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.shards: list[dict[str, torch.Tensor]] = []
+        self.rows: dict[str, tuple[int, int]] = {}
+        if folder.is_dir():
+            for path in sorted(folder.glob("shard-*.safetensors")):
+                tensors, meta = mmap_safetensors(path)
+                for row, key in enumerate(json.loads(meta.get("keys", "[]"))):
+                    self.rows[key] = (len(self.shards), row)
+                self.shards.append(tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rows
+
+    def get(self, name: str, keys: list[str]) -> torch.Tensor:
+        refs = [self.rows[k] for k in keys]
+        return torch.stack([self.shards[s][name][r] for s, r in refs])
+
+
+def _write_shard(folder: Path, rank: int, keys: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(list(folder.glob(f"shard-r{rank}-*.safetensors")))
+    final = folder / f"shard-r{rank}-{n:06d}.safetensors"
+    tmp = final.with_suffix(".tmp")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"keys": json.dumps(keys)})
+    os.replace(tmp, final)
 
 
 @dataclass
 class EncodedDataset:
-    latent_mean: torch.Tensor  # (N, C, h, w), × scaling_factor
-    latent_std: torch.Tensor  # (N, C, h, w), × scaling_factor
-    caption_ids: torch.Tensor  # (N,) long, row of prompt_embeds; 0 is the empty caption
-    prompt_embeds: torch.Tensor  # (K + 1, L, D)
+    """Training view of the cache: per dataset index, the keys of its latents and its caption."""
+
+    latents_store: ShardStore
+    text_store: ShardStore
+    latent_keys: list[list[str]]  # [index][flip] → key
+    caption_keys: list[str]  # [index] → key
+    empty_key: str
+    flip: bool
+    seed: int
 
     def __len__(self) -> int:
-        return self.latent_mean.shape[0]
+        return len(self.caption_keys)
 
-    def latents(self, indices: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """A fresh sample z = mean + std · eps for each index: (B, C, h, w)."""
-        return self.latent_mean[indices] + self.latent_std[indices] * eps
+    def latents(self, indices: list[int], positions: list[int], eps: torch.Tensor) -> torch.Tensor:
+        """A fresh sample z = mean + std · eps per item (B, C, h, w); the flip variant as drawn on the fly."""
+        keys = [self.latent_keys[i][int(self.flip and flip_decision(self.seed, p))] for i, p in zip(indices, positions)]
+        return self.latents_store.get("mean", keys) + self.latents_store.get("std", keys) * eps
 
-    def embeds(self, indices: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    def embeds(self, indices: list[int], drop: torch.Tensor) -> torch.Tensor:
         """prompt_embeds (B, L, D), the empty caption's where `drop` is set."""
-        rows = torch.where(drop, torch.zeros_like(indices), self.caption_ids[indices])
-        return self.prompt_embeds[rows]
+        keys = [self.empty_key if d else self.caption_keys[i] for i, d in zip(indices, drop.tolist())]
+        return self.text_store.get("prompt_embeds", keys)
 
 
-@torch.no_grad()
-def encode_stream(stream: SampleStream, vae, tokenizer, text_encoder, batch_size: int = 64,
-                  show_progress: bool = True) -> EncodedDataset:
-    scaling = vae.config.scaling_factor
-    means, stds, captions = [], [], []
-    for start in tqdm(range(0, stream.size, batch_size), desc="encoding images", disable=not show_progress):
-        items = [stream.source.get(i) for i in range(start, min(start + batch_size, stream.size))]
-        pixel_values = torch.stack([prepare_image(image, stream.cfg) for image, _ in items])
-        mean, std = latent_distribution(vae, pixel_values)
-        means.append(mean.cpu() * scaling)
-        stds.append(std.cpu() * scaling)
-        captions += [caption for _, caption in items]
-    unique = [""] + sorted(set(captions) - {""})
-    row = {c: i for i, c in enumerate(unique)}
-    embeds = torch.cat([encode_prompts(tokenizer, text_encoder, unique[i:i + batch_size]).cpu()
-                        for i in range(0, len(unique), batch_size)])
-    return EncodedDataset(torch.cat(means), torch.cat(stds),
-                          torch.tensor([row[c] for c in captions], dtype=torch.long), embeds)
+def build_cache(stream: SampleStream, cache_dir: str | Path, get_vae: Callable, get_text: Callable,
+                vae_fingerprint: str, text_fingerprint: str, rank: int = 0, world_size: int = 1,
+                barrier: Callable[[], None] = lambda: None, batch_size: int = 64, shard_size: int = 4096,
+                show_progress: bool = True) -> EncodedDataset:
+    """Encode what the cache lacks (this rank's share), then return the training view.
+
+    `get_vae()` / `get_text()` load the frozen encoders on first call, so nothing is loaded when the
+    cache is complete. The fingerprints come from `cache_fingerprints`.
+    """
+    cfg = stream.cfg
+    root = Path(cache_dir)
+    latent_dir = root / f"latents-{vae_fingerprint[:16]}"
+    text_dir = root / f"text-{text_fingerprint[:16]}"
+    variants = (False, True) if cfg.random_flip else (False,)
+    image_hash = [stream.source.fingerprint(i) for i in range(stream.size)]
+    latent_keys = [[f"{h}:flip={int(f)}" for f in variants] for h in image_hash]
+    captions = [stream.source.caption(i) for i in range(stream.size)]
+    caption_key = {c: sha256(c.encode()) for c in set(captions) | {""}}
+    # 1. Latents this rank must encode. Ownership is fixed (item i belongs to rank i mod W), never a
+    #    split of "what is missing", which would differ between ranks that look at different moments.
+    have = ShardStore(latent_dir)
+    mine = [(i, v) for i in range(rank, stream.size, world_size) for v, _ in enumerate(variants)
+            if latent_keys[i][v] not in have]
+    if mine:
+        vae = get_vae()
+        scaling = vae.config.scaling_factor
+        keys: list[str] = []
+        means, stds = [], []
+        bar = tqdm(total=len(mine), desc=f"caching latents (rank {rank})", disable=not show_progress)
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
+            images = [prepare_image(stream.source.get(i)[0], cfg, flip=variants[v]) for i, v in chunk]
+            mean, std = latent_distribution(vae, torch.stack(images))
+            means.append(mean.cpu() * scaling)
+            stds.append(std.cpu() * scaling)
+            keys += [latent_keys[i][v] for i, v in chunk]
+            bar.update(len(chunk))
+            if len(keys) >= shard_size or start + batch_size >= len(mine):
+                _write_shard(latent_dir, rank, keys, {"mean": torch.cat(means), "std": torch.cat(stds)})
+                keys, means, stds = [], [], []
+        bar.close()
+    # 2. Prompt embeddings (one per unique caption, plus the empty caption for dropout).
+    have_text = ShardStore(text_dir)
+    todo_text = [c for c in sorted(caption_key)[rank::world_size] if caption_key[c] not in have_text]
+    if todo_text:
+        tokenizer, text_encoder = get_text()
+        for start in range(0, len(todo_text), shard_size):
+            part = todo_text[start:start + shard_size]
+            embeds = torch.cat([encode_prompts(tokenizer, text_encoder, part[j:j + batch_size]).cpu()
+                                for j in range(0, len(part), batch_size)])
+            _write_shard(text_dir, rank, [caption_key[c] for c in part], {"prompt_embeds": embeds})
+    barrier()
+    return EncodedDataset(ShardStore(latent_dir), ShardStore(text_dir), latent_keys,
+                          [caption_key[c] for c in captions], caption_key[""], cfg.random_flip, stream.seed)

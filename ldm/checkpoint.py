@@ -138,12 +138,14 @@ class TrainingState:
 
 def save_training_state(root: str | Path, step: int, micro_step: int, unet, ema, optimizer, lr_schedule,
                         accelerator, cfg: Config, keep: Optional[int]) -> Optional[Path]:
-    """Write checkpoints/step_{step}; every process takes part (each saves its own RNG state)."""
+    """Write checkpoints/step_{step}; every process takes part (each saves its own RNG state).
+
+    `unet` is the bare module (no DDP or compile wrapper)."""
     root = Path(root)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
     main = accelerator.is_main_process
-    base = accelerator.unwrap_model(unet)
+    base = unet
     if main:
         # Never checkpoint non-finite weights: they would poison every resume.
         if not all(torch.isfinite(p).all() for p in base.parameters()):
@@ -232,7 +234,7 @@ def find_resume_folder(resume: str, root: str | Path) -> Optional[Path]:
 
 def load_training_state(folder: Path, unet, ema, optimizer, lr_schedule, accelerator) -> TrainingState:
     state = json.loads((folder / "state.json").read_text())
-    base = accelerator.unwrap_model(unet)
+    base = unet  # the bare module
     base.load_state_dict(load_file(str(folder / "unet.safetensors"), device=str(accelerator.device)))
     if ema is not None:
         if not (folder / "ema.safetensors").is_file():

@@ -10,6 +10,7 @@ published components of the SD-1.5 recipe those facts are also tabulated, so a d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from typing import Callable, Optional, TypeVar
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from ldm.config import Config, ConfigError, SchedulerConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ldm.config import Config, ConfigError, ModelConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
 T = TypeVar("T")
 
@@ -314,3 +315,78 @@ def unet_flops_per_image(unet_config: dict, seq_len: int) -> int:
         with FlopCounterMode(display=False) as counter:
             unet(x, t, ctx)
     return int(counter.get_total_flops())
+
+
+# --------------------------------------------------------------------------------------------
+# Frozen encoders on demand, and the cache fingerprints
+# --------------------------------------------------------------------------------------------
+
+
+class FrozenEncoders:
+    """VAE, tokenizer and text encoder, each loaded on first use: training from a complete cache
+    needs none of them (validation and export load them when they come)."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self._vae = self._text = None
+
+    @property
+    def loaded(self) -> dict[str, bool]:
+        return {"vae": self._vae is not None, "text_encoder": self._text is not None}
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        if self._vae is None:
+            self._vae = load_vae(self.cfg.vae).to(self.device, getattr(torch, self.cfg.vae.dtype))
+        return self._vae
+
+    @property
+    def text(self) -> tuple:
+        """(tokenizer, text_encoder)."""
+        if self._text is None:
+            tokenizer, encoder = load_text_encoder(self.cfg.text_encoder)
+            self._text = (tokenizer, encoder.to(self.device))
+        return self._text
+
+
+def _files_fingerprint(path: str, subfolders: list[Optional[str]]) -> Optional[str]:
+    """sha256 over the files of a local component folder (names and bytes); None for a Hub id."""
+    root = Path(resolve_path(path)).expanduser()
+    if not root.is_dir():
+        return None
+    h = hashlib.sha256()
+    for sub in dict.fromkeys(subfolders):
+        folder = root / (sub or "")
+        for file in sorted(p for p in folder.glob("*") if p.is_file()):
+            h.update(f"{file.relative_to(root)}\0".encode())
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def _module_fingerprint(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_fingerprints(cfg: Config, frozen: FrozenEncoders) -> tuple[str, str]:
+    """(latents, text) fingerprints of everything but the items that changes a cached result.
+
+    Local component folders are hashed from their files, so checking a complete cache loads no model;
+    a Hub id's weights are hashed from the loaded module.
+    """
+    m, d = cfg.model, cfg.data
+    vae_files = _files_fingerprint(m.vae.path, [m.vae.subfolder]) or _module_fingerprint(frozen.vae)
+    vae_fp = hashlib.sha256(json.dumps(
+        ["latents-v1", vae_files, m.vae.dtype, d.resolution, d.center_crop]).encode()).hexdigest()
+    t = m.text_encoder
+    tok_sub = t.tokenizer_subfolder if t.tokenizer_subfolder is not None else (
+        "tokenizer" if t.subfolder == "text_encoder" else t.subfolder)
+    text_files = _files_fingerprint(t.path, [t.subfolder, tok_sub]) or _module_fingerprint(frozen.text[1])
+    text_fp = hashlib.sha256(json.dumps(["text-v1", text_files, t.max_length]).encode()).hexdigest()
+    return vae_fp, text_fp

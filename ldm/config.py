@@ -99,8 +99,12 @@ class DataConfig:
     caption_dropout: float = 0.1  # the empty caption teaches the unconditional model CFG needs
     max_samples: Optional[int] = None
     num_workers: int = 0
-    # Encode latents and prompt embeddings once, before training (small datasets, no random crop).
-    precompute: bool = False
+    # Encode latents and prompt embeddings once into a fingerprinted cache on disk (needs centre crops;
+    # flips are cached as their own variant). Training then reads the cache and loads no encoder.
+    cache: bool = False
+    cache_dir: str = "outputs/cache"
+    # Latents used for training: a fresh sample of q(z|x) each time (the LDM recipe) or its mean.
+    latent_sample: Literal["sample", "mean"] = "sample"
     # The audit decodes every sample once before training, converting or skipping bad ones.
     audit: bool = True
     min_image_size: Optional[int] = None  # shorter side in px below which an image is skipped; null: resolution / 4
@@ -127,6 +131,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "xformers"] = "sdpa"
+    channels_last: bool = False  # NHWC UNet activations: faster convolutions on recent GPUs
+    compile: bool = False  # torch.compile the UNet (slow first steps, faster after)
     snr_gamma: Optional[float] = None  # min-SNR-γ loss weighting (Hang et al. 2023); 5.0 is typical
     ema_decay: Optional[float] = 0.9999  # None disables EMA
     # EMA warm-up: decay 1 − (1 + n)^(−2/3) capped at ema_decay (Diffusers' use_ema_warmup); without it
@@ -374,10 +380,10 @@ def check_config(cfg: Config) -> None:
              "model.text_encoder.max_length", "must be > 1 or null")
     _require(m.vae.path is not None, "model.vae.path",
              "a latent model needs a VAE: a Hub id, a folder, or the output of scripts/train_autoencoder.py")
-    if d.precompute:
-        _require(not d.random_flip and d.center_crop, "data.precompute",
-                 "encodes each image once, so it cannot be combined with data.random_flip or random crops "
-                 "(set data.center_crop=true and data.random_flip=false, or data.precompute=false)")
+    if d.cache:
+        _require(d.center_crop, "data.cache",
+                 "caches each image once, so it cannot be combined with random crops "
+                 "(set data.center_crop=true, or data.cache=false)")
     for i, ch in enumerate(a.block_out_channels):
         _require(ch > 0 and ch % a.norm_num_groups == 0, f"autoencoder.block_out_channels[{i}]",
                  f"{ch} must be a positive multiple of autoencoder.norm_num_groups ({a.norm_num_groups})")

@@ -65,11 +65,20 @@ def to_pixel_values(image: Image.Image) -> torch.Tensor:
     return arr.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
-def prepare_image(image: Image.Image, cfg: DataConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def prepare_image(image: Image.Image, cfg: DataConfig, generator: Optional[torch.Generator] = None,
+                  flip: Optional[bool] = None) -> torch.Tensor:
+    """RGB, resize, crop, optional flip (drawn from `generator` unless `flip` is given), [-1, 1]."""
     image = resize_and_crop(to_rgb(image), cfg.resolution, cfg.center_crop, generator)
-    if cfg.random_flip and bool(torch.rand(1, generator=generator) < 0.5):
+    if flip is None:
+        flip = cfg.random_flip and bool(torch.rand(1, generator=generator) < 0.5)
+    if flip:
         image = ImageOps.mirror(image)
     return to_pixel_values(image)
+
+
+def flip_decision(seed: int, position: int) -> bool:
+    """The flip `SampleStream` draws for a stream position when cropping is central (no crop draws first)."""
+    return bool(torch.rand(1, generator=sample_generator(seed, position, _AUGMENT_STREAM)) < 0.5)
 
 
 # --------------------------------------------------------------------------------------------

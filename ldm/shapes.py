@@ -13,7 +13,9 @@ that drifts to yellow reads as yellow.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -224,3 +226,18 @@ def score(readings: Sequence[Reading], expected: Sequence[ShapeSpec]) -> dict[st
     a = sum(r.colour == e.colour and r.shape == e.shape and r.position == e.position
             for r, e in zip(readings, expected)) / n
     return {"colour": c, "shape": s, "position": p, "all": a, "n": n}
+
+
+def write_imagefolder(folder: str | Path, num_images: int, resolution: int, seed: int = 0,
+                      caption_column: str = "text") -> Path:
+    """Write the shapes dataset as an imagefolder: PNG files plus metadata.jsonl (file_name + caption)."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    data = ShapesDataset(num_images, resolution, seed=seed)
+    with (folder / "metadata.jsonl").open("w") as f:
+        for i in range(num_images):
+            item = data[i]
+            name = f"images/{i:06d}.png"
+            item["image"].save(folder / name)
+            f.write(json.dumps({"file_name": name, caption_column: item["text"]}) + "\n")
+    return folder

@@ -15,6 +15,7 @@ the offending files.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import warnings
@@ -31,6 +32,8 @@ from ldm.config import ConfigError, DataConfig
 class Source(Protocol):
     def __len__(self) -> int: ...
     def get(self, index: int) -> tuple[Image.Image, str]: ...
+    def caption(self, index: int) -> str: ...  # without decoding the image
+    def fingerprint(self, index: int) -> str: ...  # sha256 of the image's bytes
 
 
 class BadSample(ValueError):
@@ -102,6 +105,13 @@ class ShapesSource:
         item = self.dataset[index]
         return item["image"], item["text"]
 
+    def caption(self, index: int) -> str:
+        return self.dataset.spec(index).caption
+
+    def fingerprint(self, index: int) -> str:
+        image = self.get(index)[0]
+        return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
+
 
 @dataclass
 class FolderRow:
@@ -137,6 +147,12 @@ class FolderSource:
         if not path.is_file():
             raise BadSample("missing file", name)
         return path
+
+    def caption(self, index: int) -> str:
+        return normalise_caption(self.rows[index].caption, self.name(index), [])
+
+    def fingerprint(self, index: int) -> str:
+        return hashlib.sha256(self.resolve(index).read_bytes()).hexdigest()
 
     def get(self, index: int, notes: Optional[list[str]] = None) -> tuple[Image.Image, str]:
         notes = notes if notes is not None else []
@@ -196,6 +212,14 @@ class HubSource:
     def name(self, index: int) -> str:
         ref = self.dataset[index][self.image_column] or {}
         return ref.get("path") or f"{self.origin}[{index}]"
+
+    def caption(self, index: int) -> str:
+        return normalise_caption(self.dataset[index][self.caption_column], self.name(index), [])
+
+    def fingerprint(self, index: int) -> str:
+        ref = self.dataset[index][self.image_column] or {}
+        data = ref.get("bytes") or (Path(ref["path"]).read_bytes() if ref.get("path") else b"")
+        return hashlib.sha256(data).hexdigest()
 
     def get(self, index: int, notes: Optional[list[str]] = None) -> tuple[Image.Image, str]:
         notes = notes if notes is not None else []
@@ -319,6 +343,12 @@ class AuditedSource:
 
     def get(self, index: int) -> tuple[Image.Image, str]:
         return self.source.get(self.kept[index])
+
+    def caption(self, index: int) -> str:
+        return self.source.caption(self.kept[index])
+
+    def fingerprint(self, index: int) -> str:
+        return self.source.fingerprint(self.kept[index])
 
 
 def open_audited(cfg: DataConfig, tokenizer=None, accelerator=None) -> Source:

@@ -26,7 +26,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ldm.cache import EncodedDataset, encode_stream
+from ldm.cache import EncodedDataset, build_cache
 from ldm.checkpoint import (
     check_disk_space,
     estimate_checkpoint_bytes,
@@ -37,16 +37,16 @@ from ldm.checkpoint import (
     save_training_state,
 )
 from ldm.components import (
+    FrozenEncoders,
     TextEncoderInfo,
     VAEInfo,
     build_scheduler,
     build_unet,
+    cache_fingerprints,
     check_components,
     encode_prompts,
     latent_distribution,
-    load_text_encoder,
     load_tokenizer,
-    load_vae,
     unet_kwargs,
     unet_flops_per_image,
 )
@@ -89,20 +89,20 @@ def dry_run_report(cfg: Config, vae: VAEInfo, text: TextEncoderInfo) -> dict:
     }
 
 
-def _latents_and_embeds(batch, draws: SampleDraws, encoded: Optional[EncodedDataset], vae, tokenizer,
-                        text_encoder, device) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_batch(batch, draws: SampleDraws, encoded: Optional[EncodedDataset], frozen: FrozenEncoders,
+                        device) -> tuple[torch.Tensor, torch.Tensor]:
     """latents (B, C, h, w) × scaling_factor and prompt_embeds (B, L, D) for one micro-batch."""
     if encoded is not None:
-        indices = torch.as_tensor(batch["index"])
-        return (encoded.latents(indices, draws.latent_eps).to(device),
-                encoded.embeds(indices, draws.drop_caption).to(device))
+        return (encoded.latents(batch["index"], batch["position"], draws.latent_eps).to(device),
+                encoded.embeds(batch["index"], draws.drop_caption).to(device))
+    vae = frozen.vae
     mean, std = latent_distribution(vae, batch["pixel_values"])
     latents = (mean + std * draws.latent_eps.to(mean.device)) * vae.config.scaling_factor
     captions = ["" if drop else c for c, drop in zip(batch["caption"], draws.drop_caption.tolist())]
-    return latents.to(device), encode_prompts(tokenizer, text_encoder, captions).to(device)
+    return latents.to(device), encode_prompts(*frozen.text, captions).to(device)
 
 
-def _batches(stream: SampleStream, sampler: StreamBatches, encoded: Optional[EncodedDataset],
+def iterate_batches(stream: SampleStream, sampler: StreamBatches, encoded: Optional[EncodedDataset],
              num_workers: int, pin_memory: bool) -> Iterator[dict]:
     """Micro-batches in stream order: indices only when pre-encoded, decoded images otherwise."""
     if encoded is not None:
@@ -143,10 +143,11 @@ def ema_weights(unet, ema: Optional[EMAModel]):
         ema.restore(unet.parameters())
 
 
-def validate(cfg: Config, step: int, vae, text_encoder, tokenizer, unet, scheduler, out: Path,
+def validate(cfg: Config, step: int, frozen: FrozenEncoders, unet, scheduler, out: Path,
              accelerator: Accelerator) -> Path:
     """Fixed prompts and seed → a PNG grid (and TensorBoard images)."""
-    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, sampler=cfg.sample.sampler)
+    tokenizer, text_encoder = frozen.text
+    pipe = assemble_pipeline(frozen.vae, text_encoder, tokenizer, unet, scheduler, sampler=cfg.sample.sampler)
     s = cfg.sample
     results = generate(pipe, s.prompts, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale,
                        num_inference_steps=s.num_inference_steps, sampler=s.sampler, seed=s.seed,
@@ -188,12 +189,13 @@ def train(cfg: Config, dry_run: bool = False, show_progress: bool = True) -> Opt
                           cfg.data, t.seed)
     if main and hasattr(stream.source, "report"):
         (out / "data_audit.json").write_text(json.dumps(stream.source.report.to_dict(), indent=1))
-    # 4. Components. Frozen encoders in eval mode; the VAE in its configured dtype (fp32 by default).
-    vae = load_vae(cfg.model.vae).to(device, getattr(torch, cfg.model.vae.dtype))
-    tokenizer, text_encoder = load_text_encoder(cfg.model.text_encoder)
-    text_encoder.to(device)
+    # 4. Components. Frozen encoders load on first use (the VAE in its configured dtype, fp32 by default).
+    frozen = FrozenEncoders(cfg.model, device)
     torch.manual_seed(t.seed)  # UNet initialisation is identical on every process
     unet = build_unet(cfg, vae_info, text_info).to(device)
+    # The bare module: it shares its parameters with whatever wraps it below (compile, DDP), and is
+    # what EMA, checkpoints, validation and export use (its state-dict keys carry no wrapper prefix).
+    base = unet
     scheduler = build_scheduler(cfg.model.scheduler)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -203,18 +205,30 @@ def train(cfg: Config, dry_run: bool = False, show_progress: bool = True) -> Opt
         except Exception as err:
             raise ConfigError(f"config key 'train.attention': xformers is not usable here ({err}); "
                               "install the 'xformers' extra or use 'sdpa'") from err
-    # 5. Small datasets: encode every image and caption once.
-    encoded = encode_stream(stream, vae, tokenizer, text_encoder, show_progress=show_progress and main) \
-        if cfg.data.precompute else None
-    # 6. Optimiser, LR schedule (stepped once per optimizer step, whatever the process count), EMA.
+    # 5. The cache: encode what it lacks (each process its share); complete, it needs no encoder at all.
+    encoded = None
+    if cfg.data.cache:
+        vae_fp, text_fp = cache_fingerprints(cfg, frozen)
+        encoded = build_cache(stream, cfg.data.cache_dir, lambda: frozen.vae, lambda: frozen.text, vae_fp, text_fp,
+                              accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
+                              show_progress=show_progress and main)
+        loaded = [name for name, was in frozen.loaded.items() if was]
+        accelerator.print(f"cache ready in {cfg.data.cache_dir}; encoders loaded to fill it: {', '.join(loaded) or 'none'}")
+    if t.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    # 6. Optimiser (fused kernel on CUDA), LR schedule (stepped once per optimizer step, whatever the
+    #    process count), EMA.
     optimizer = torch.optim.AdamW(unet.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                                  weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+                                  weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
+                                  fused=device.type == "cuda")
     lr_schedule = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                                 num_training_steps=t.max_steps)
     ema = EMAModel(unet.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup) \
         if t.ema_decay is not None else None
     if ema is not None:
         ema.to(device)
+    if t.compile:
+        unet = torch.compile(unet)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     # Resume: weights, EMA, optimizer, LR schedule, grad scaler, RNG and the data position.
     ckpt_root = out / "checkpoints"
@@ -226,11 +240,11 @@ def train(cfg: Config, dry_run: bool = False, show_progress: bool = True) -> Opt
         if folder is None:
             accelerator.print(f"train.resume=latest: no complete checkpoint in {ckpt_root}; starting from step 0")
         else:
-            state = load_training_state(folder, unet, ema, optimizer, lr_schedule, accelerator)
+            state = load_training_state(folder, base, ema, optimizer, lr_schedule, accelerator)
             step, start_micro = state.step, state.micro_step
             accelerator.print(f"resumed from {folder} at step {step}")
     if main and t.checkpoint_every:
-        check_disk_space(out, estimate_checkpoint_bytes(accelerator.unwrap_model(unet), ema is not None),
+        check_disk_space(out, estimate_checkpoint_bytes(base, ema is not None),
                          "a checkpoint of this run")
     # 7. The loop. Micro-batch k of this process holds stream positions from StreamBatches.
     k_accum = t.gradient_accumulation_steps
@@ -242,10 +256,12 @@ def train(cfg: Config, dry_run: bool = False, show_progress: bool = True) -> Opt
     running, window_start, window_steps, bad_streak = torch.zeros((), device=device), time.time(), 0, 0
     bar = tqdm(total=t.max_steps, initial=step, desc="stage 2 (UNet)", disable=not (show_progress and main))
     unet.train()
-    for batch in _batches(stream, sampler, encoded, cfg.data.num_workers, device.type == "cuda"):
+    for batch in iterate_batches(stream, sampler, encoded, cfg.data.num_workers, device.type == "cuda"):
         draws = draw_samples(t.seed, batch["position"], latent_shape, cfg.model.scheduler.num_train_timesteps,
                              cfg.data.caption_dropout)
-        latents, prompt_embeds = _latents_and_embeds(batch, draws, encoded, vae, tokenizer, text_encoder, device)
+        if cfg.data.latent_sample == "mean":
+            draws.latent_eps.zero_()  # z = mean + std · 0
+        latents, prompt_embeds = encode_batch(batch, draws, encoded, frozen, device)
         if t.record_samples:
             _record(out / f"samples_rank{accelerator.process_index}.jsonl", step + 1, batch)
         with accelerator.accumulate(unet):
@@ -289,23 +305,23 @@ def train(cfg: Config, dry_run: bool = False, show_progress: bool = True) -> Opt
             running.zero_()
             window_start, window_steps = time.time(), 0
         if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.max_steps):
-            save_training_state(ckpt_root, step, step * k_accum, unet, ema, optimizer, lr_schedule, accelerator,
+            save_training_state(ckpt_root, step, step * k_accum, base, ema, optimizer, lr_schedule, accelerator,
                                 cfg, t.checkpoints_total_limit)
         if t.validate_every and step % t.validate_every == 0 and step < t.max_steps and main:
-            base = accelerator.unwrap_model(unet)
             with ema_weights(base, ema if t.ema_for_export else None):
-                validate(cfg, step, vae, text_encoder, tokenizer, base, scheduler, out, accelerator)
+                validate(cfg, step, frozen, base, scheduler, out, accelerator)
             base.train()
     bar.close()
     # 8. Export (EMA weights by default) and a last validation grid.
-    _check_ranks_agree(accelerator, unet)
+    _check_ranks_agree(accelerator, base)
     folder = out / "pipeline"
     if main:
-        base = accelerator.unwrap_model(unet).eval()
+        base.eval()
         with ema_weights(base, ema if t.ema_for_export else None):
-            export_pipeline(folder, vae.to(torch.float32), text_encoder, tokenizer, base, scheduler, cfg)
+            tokenizer, text_encoder = frozen.text
+            export_pipeline(folder, frozen.vae.to(torch.float32), text_encoder, tokenizer, base, scheduler, cfg)
             if t.validate_every:
-                validate(cfg, step, vae, text_encoder, tokenizer, base, scheduler, out, accelerator)
+                validate(cfg, step, frozen, base, scheduler, out, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return folder

@@ -102,17 +102,11 @@ def write_imagefolder(tmp_path):
     """Write an imagefolder (PNG files + metadata.jsonl) made 'by someone else': custom columns."""
 
     def make(n: int = 8, caption_column: str = "caption", size: int = 24) -> Path:
-        from ldm.shapes import ShapesDataset
+        from ldm.shapes import write_imagefolder
 
-        folder = tmp_path / "imagefolder"
-        (folder / "pics").mkdir(parents=True)
-        shapes = ShapesDataset(n, size, seed=3)
-        with (folder / "metadata.jsonl").open("w") as f:
-            for i in range(n):
-                item = shapes[i]
-                name = f"pics/img_{i:03d}.png"
-                item["image"].save(folder / name)
-                f.write(json.dumps({"file_name": name, caption_column: item["text"], "source": "test"}) + "\n")
+        folder = write_imagefolder(tmp_path / "imagefolder", n, size, seed=3, caption_column=caption_column)
+        lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+        (folder / "metadata.jsonl").write_text("".join(json.dumps({**r, "source": "test"}) + "\n" for r in lines))
         return folder
 
     return make

@@ -39,9 +39,10 @@ def test_bad_values_name_the_key_and_the_fix(override, message):
     assert message in str(err.value)
 
 
-def test_precompute_rejects_random_augmentation():
-    with pytest.raises(ConfigError, match="data.precompute"):
-        load_config(None, ["data.precompute=true", "data.random_flip=true"])
+def test_cache_rejects_random_crops():
+    with pytest.raises(ConfigError, match="'data.cache': caches each image once"):
+        load_config(None, ["data.cache=true", "data.center_crop=false"])
+    assert load_config(None, ["data.cache=true", "data.random_flip=true"]).data.random_flip  # flips are variants
 
 
 def test_yaml_file_overrides_and_saved_config_round_trip(tmp_path):

@@ -99,35 +99,44 @@ def test_training_embeddings_equal_the_pipelines(tiny):
         assert ours.shape == (3, 12, 32) and torch.allclose(ours, theirs, atol=1e-6)
 
 
-def test_precomputed_and_on_the_fly_batches_agree(tiny, tmp_path):
-    """The same batch and draws give the same latents and prompt_embeds with or without pre-encoding."""
-    from ldm.cache import encode_stream
-    from ldm.components import load_text_encoder, load_vae
+@pytest.mark.parametrize("flip", [False, True])
+def test_cached_and_on_the_fly_batches_agree(tiny, tmp_path, flip):
+    """The same batch and draws give the same latents, prompt_embeds and loss from the cache as on the fly."""
+    from ldm.cache import build_cache
+    from ldm.components import FrozenEncoders, build_scheduler, cache_fingerprints
     from ldm.data import SampleStream
-    from ldm.sources import open_source
     from ldm.diffusion import draw_samples
-    from ldm.train import _latents_and_embeds
+    from ldm.sources import open_source
+    from ldm.train import encode_batch, train_step
 
-    cfg = load_config(None, tiny_overrides(tiny, tmp_path) + ["data.caption_dropout=0.5"])
-    vae, (tok, enc) = load_vae(cfg.model.vae), load_text_encoder(cfg.model.text_encoder)
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path) + ["data.caption_dropout=0.5", f"data.random_flip={flip}"])
+    frozen = FrozenEncoders(cfg.model, torch.device("cpu"))
     stream = SampleStream(open_source(cfg.data), cfg.data, seed=0)
-    encoded = encode_stream(stream, vae, tok, enc, batch_size=8, show_progress=False)
+    encoded = build_cache(stream, tmp_path / "cache", lambda: frozen.vae, lambda: frozen.text,
+                          *cache_fingerprints(cfg, frozen), batch_size=8, show_progress=False)
     positions = list(range(5, 13))
     items = [stream[p] for p in positions]
     batch = {"position": positions, "index": [i["index"] for i in items],
              "pixel_values": torch.stack([i["pixel_values"] for i in items]), "caption": [i["caption"] for i in items]}
     draws = draw_samples(0, positions, (4, 8, 8), 1000, 0.5)
     assert 0 < int(draws.drop_caption.sum()) < 8
-    a = _latents_and_embeds(batch, draws, None, vae, tok, enc, "cpu")
-    b = _latents_and_embeds(batch, draws, encoded, vae, tok, enc, "cpu")
+    a = encode_batch(batch, draws, None, frozen, "cpu")
+    b = encode_batch(batch, draws, encoded, frozen, "cpu")
     assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1], b[1], atol=1e-5)
+    from ldm.components import build_unet, describe_text_encoder, describe_vae
+
+    torch.manual_seed(0)
+    unet = build_unet(cfg, describe_vae(cfg.model.vae), describe_text_encoder(cfg.model.text_encoder))
+    sched = build_scheduler(cfg.model.scheduler)
+    losses = [train_step(unet, sched, lat, emb, draws.noise, draws.timesteps, "epsilon", None).item() for lat, emb in (a, b)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
-def test_clip_text_encoder_and_precompute_train(tiny, tmp_path):
+def test_clip_text_encoder_and_cache_train(tiny, tmp_path):
     from ldm.train import train
 
     cfg = load_config(None, tiny_overrides(tiny, tmp_path, text_encoder="clip") + [
-        "data.precompute=true", "train.snr_gamma=5.0", "model.scheduler.prediction_type=v_prediction",
+        "data.cache=true", f"data.cache_dir={tmp_path / 'cache'}", "train.snr_gamma=5.0", "model.scheduler.prediction_type=v_prediction",
         "train.validate_every=1"])
     folder = train(cfg, show_progress=False)
     index = json.loads((folder / "model_index.json").read_text())

@@ -1,0 +1,225 @@
+"""Throughput and memory, measured on the training loop's own code path, as ratios within one run.
+
+Training: images/s and s/step after warm-up (median of several windows), on-the-fly decoding and
+encoding against the fingerprinted cache, peak memory (RSS on CPU, max allocated on CUDA), the
+analytic UNet FLOPs per image and, on a GPU with a known peak, MFU. Inference: seconds per UNet
+call and per denoising step inside a real pipeline call, so the per-step overhead outside the UNet
+(scheduler, guidance arithmetic, Python) is visible, and seconds per image end to end.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import psutil
+import torch
+
+from ldm.cache import build_cache
+from ldm.components import (
+    FrozenEncoders,
+    build_scheduler,
+    build_unet,
+    cache_fingerprints,
+    check_components,
+    unet_flops_per_image,
+    unet_kwargs,
+)
+from ldm.config import Config
+from ldm.data import SampleStream, StreamBatches
+from ldm.diffusion import draw_samples
+from ldm.pipeline import assemble_pipeline
+from ldm.sources import open_audited
+from ldm.train import iterate_batches, encode_batch, train_step
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by substring of the device name.
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+             "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict]:
+    """Peak RSS (sampled every 5 ms) on CPU, or CUDA max allocated, in MiB, over the block."""
+    result: dict = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        yield result
+        result["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        return
+    proc, peak, stop = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        result["peak_mib"] = peak[0] / 2**20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    seconds_per_step: float
+    images_per_second: float
+    window_seconds: list[float]
+    peak_mib: float
+
+
+def time_training(cfg: Config, stream: SampleStream, frozen: FrozenEncoders, encoded, device: torch.device,
+                  warmup: int, windows: int, window_steps: int) -> Timing:
+    """Real optimizer steps (forward, backward, AdamW) of a fresh UNet; batches as train() makes them."""
+    torch.manual_seed(0)
+    vae_info, text_info = check_components(cfg)
+    unet = build_unet(cfg, vae_info, text_info).to(device).train()
+    scheduler = build_scheduler(cfg.model.scheduler)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, fused=device.type == "cuda")
+    t = cfg.train
+    total = warmup + windows * window_steps
+    sampler = StreamBatches(t.batch_size, 0, total)
+    shape = (vae_info.latent_channels, cfg.data.resolution // vae_info.downsample,
+             cfg.data.resolution // vae_info.downsample)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.mixed_precision == "bf16")
+    marks: list[float] = []
+    with peak_memory(device) as mem:
+        for k, batch in enumerate(iterate_batches(stream, sampler, encoded, cfg.data.num_workers, device.type == "cuda")):
+            if k >= warmup and (k - warmup) % window_steps == 0:
+                _sync(device)
+                marks.append(time.perf_counter())
+            draws = draw_samples(t.seed, batch["position"], shape, cfg.model.scheduler.num_train_timesteps,
+                                 cfg.data.caption_dropout)
+            latents, embeds = encode_batch(batch, draws, encoded, frozen, device)
+            with autocast:
+                loss = train_step(unet, scheduler, latents, embeds, draws.noise.to(device),
+                                  draws.timesteps.to(device), cfg.model.scheduler.prediction_type, t.snr_gamma)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        marks.append(time.perf_counter())
+    per_window = [b - a for a, b in zip(marks, marks[1:])]
+    s_step = statistics.median(per_window) / window_steps
+    return Timing(s_step, t.batch_size / s_step, per_window, mem["peak_mib"])
+
+
+def time_inference(cfg: Config, frozen: FrozenEncoders, device: torch.device, steps: int, batch: int,
+                   repeats: int = 3) -> dict:
+    """Seconds per UNet call and per denoising step inside StableDiffusionPipeline, and per image."""
+    torch.manual_seed(0)
+    vae_info, text_info = check_components(cfg)
+    unet = build_unet(cfg, vae_info, text_info).to(device).eval()
+    tokenizer, text_encoder = frozen.text
+    pipe = assemble_pipeline(frozen.vae, text_encoder, tokenizer, unet, build_scheduler(cfg.model.scheduler),
+                             sampler=cfg.sample.sampler)
+    pipe.set_progress_bar_config(disable=True)
+    unet_seconds: list[float] = []
+    inner = unet.forward
+
+    def timed_forward(*args, **kwargs):
+        _sync(device)
+        start = time.perf_counter()
+        out = inner(*args, **kwargs)
+        _sync(device)
+        unet_seconds.append(time.perf_counter() - start)
+        return out
+
+    unet.forward = timed_forward
+    step_ends: list[float] = []
+
+    def on_step_end(_pipe, _i, _t, kwargs):
+        _sync(device)
+        step_ends.append(time.perf_counter())
+        return kwargs
+
+    prompts = [cfg.sample.prompts[i % len(cfg.sample.prompts)] for i in range(batch)]
+    results = []
+    for r in range(repeats + 1):  # the first call warms up
+        unet_seconds.clear()
+        step_ends.clear()
+        _sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            pipe(prompts, num_inference_steps=steps, guidance_scale=cfg.sample.guidance_scale,
+                 generator=torch.Generator().manual_seed(r), output_type="np", callback_on_step_end=on_step_end)
+        _sync(device)
+        end = time.perf_counter()
+        step_times = [b - a for a, b in zip(step_ends, step_ends[1:])]  # step 2..n: loop time per step
+        results.append({"step": statistics.median(step_times), "unet": statistics.median(unet_seconds[1:]),
+                        "per_image": (end - start) / batch})
+    unet.forward = inner
+    steady = results[1:]
+    step = statistics.median(r["step"] for r in steady)
+    unet_s = statistics.median(r["unet"] for r in steady)
+    return {"num_inference_steps": steps, "batch": batch, "guidance_scale": cfg.sample.guidance_scale,
+            "seconds_per_step": step, "seconds_per_unet_call": unet_s,
+            "overhead_outside_unet": max(step - unet_s, 0.0) / step,
+            "seconds_per_image_end_to_end": statistics.median(r["per_image"] for r in steady)}
+
+
+def run_benchmark(cfg: Config, warmup: int = 3, windows: int = 5, window_steps: int = 4,
+                  inference_steps: int = 20, inference_batch: int = 16) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae_info, text_info = check_components(cfg)
+    stream = SampleStream(open_audited(cfg.data), cfg.data, cfg.train.seed)
+    frozen = FrozenEncoders(cfg.model, device)
+    on_the_fly = time_training(cfg, stream, frozen, None, device, warmup, windows, window_steps)
+    start = time.perf_counter()
+    encoded = build_cache(stream, cfg.data.cache_dir, lambda: frozen.vae, lambda: frozen.text,
+                          *cache_fingerprints(cfg, frozen), show_progress=False)
+    cache_seconds = time.perf_counter() - start
+    cached = time_training(cfg, stream, frozen, encoded, device, warmup, windows, window_steps)
+    latent = cfg.data.resolution // vae_info.downsample
+    flops = 3 * unet_flops_per_image(unet_kwargs(cfg.model.unet, text_info.hidden_size, latent,
+                                                 vae_info.latent_channels), text_info.max_length)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in BF16_PEAK.items() if k in name), None) if device.type == "cuda" else None
+    report = {
+        "device": name, "threads": torch.get_num_threads(), "batch_size": cfg.train.batch_size,
+        "resolution": cfg.data.resolution, "mixed_precision": cfg.train.mixed_precision,
+        "train_flops_per_image": flops,
+        "on_the_fly": vars(on_the_fly), "cached": vars(cached), "cache_build_seconds": cache_seconds,
+        "cache_speedup": cached.images_per_second / on_the_fly.images_per_second,
+        "inference": time_inference(cfg, frozen, device, inference_steps, inference_batch),
+    }
+    for key in ("on_the_fly", "cached"):
+        report[key]["mfu"] = report[key]["images_per_second"] * flops / peak if peak else None
+    return report
+
+
+def format_report(r: dict) -> str:
+    def mfu(x: Optional[float]) -> str:
+        return f"{100 * x:.1f} %" if x is not None else "n/a (CPU or unknown GPU)"
+
+    inf = r["inference"]
+    rows = [
+        f"device {r['device']} ({r['threads']} threads), batch {r['batch_size']}, {r['resolution']} px, "
+        f"precision {r['mixed_precision']}, UNet training {r['train_flops_per_image'] / 1e9:.2f} GFLOP/image",
+        "| training | images/s | s/step | peak memory | MFU |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label, key in (("on the fly (decode + VAE + text encoder)", "on_the_fly"), ("from the cache", "cached")):
+        x = r[key]
+        rows.append(f"| {label} | {x['images_per_second']:.1f} | {x['seconds_per_step']:.3f} | "
+                    f"{x['peak_mib']:.0f} MiB | {mfu(x['mfu'])} |")
+    rows += [
+        f"cache speed-up: {r['cache_speedup']:.2f}× (cache built in {r['cache_build_seconds']:.1f} s)",
+        f"inference ({inf['num_inference_steps']} steps, batch {inf['batch']}, guidance {inf['guidance_scale']}): "
+        f"{inf['seconds_per_step'] * 1e3:.1f} ms/step, UNet {inf['seconds_per_unet_call'] * 1e3:.1f} ms/call, "
+        f"overhead outside the UNet {100 * inf['overhead_outside_unet']:.1f} % of a step, "
+        f"{inf['seconds_per_image_end_to_end']:.3f} s/image end to end",
+    ]
+    return "\n".join(rows)

@@ -1,0 +1,31 @@
+"""Fill the fingerprinted latent + text-embedding cache for a config (training does this itself when
+data.cache is on; run it ahead, e.g. once per machine, or under accelerate launch to split the work).
+
+    python scripts/cache_dataset.py --config configs/quickstart.yaml
+    accelerate launch --multi_gpu --num_processes 8 scripts/cache_dataset.py --config configs/sd15-512.yaml
+"""
+
+from accelerate import PartialState
+
+from ldm.cache import build_cache
+from ldm.components import FrozenEncoders, cache_fingerprints, load_tokenizer
+from ldm.config import argument_parser, load_config
+from ldm.data import SampleStream
+from ldm.sources import open_audited
+
+
+def main() -> None:
+    args = argument_parser(__doc__).parse_args()
+    cfg = load_config(args.config, args.overrides)
+    state = PartialState()
+    stream = SampleStream(open_audited(cfg.data, load_tokenizer(cfg.model.text_encoder)), cfg.data, cfg.train.seed)
+    frozen = FrozenEncoders(cfg.model, state.device)
+    encoded = build_cache(stream, cfg.data.cache_dir, lambda: frozen.vae, lambda: frozen.text,
+                          *cache_fingerprints(cfg, frozen), state.process_index, state.num_processes,
+                          state.wait_for_everyone, show_progress=state.is_main_process)
+    if state.is_main_process:
+        print(f"cache complete: {len(encoded)} samples in {cfg.data.cache_dir}")
+
+
+if __name__ == "__main__":
+    main()
