@@ -86,9 +86,13 @@ def time_training(cfg: Config, stream: SampleStream, frozen: FrozenEncoders, enc
     torch.manual_seed(0)
     vae_info, text_info = check_components(cfg)
     unet = build_unet(cfg, vae_info, text_info).to(device).train()
-    scheduler = build_scheduler(cfg.model.scheduler)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, fused=device.type == "cuda")
     t = cfg.train
+    if t.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=t.lr, fused=device.type == "cuda")
+    if t.compile:
+        unet = torch.compile(unet)
+    scheduler = build_scheduler(cfg.model.scheduler)
     total = warmup + windows * window_steps
     sampler = StreamBatches(t.batch_size, 0, total)
     shape = (vae_info.latent_channels, cfg.data.resolution // vae_info.downsample,
@@ -190,6 +194,7 @@ def run_benchmark(cfg: Config, warmup: int = 3, windows: int = 5, window_steps: 
     report = {
         "device": name, "threads": torch.get_num_threads(), "batch_size": cfg.train.batch_size,
         "resolution": cfg.data.resolution, "mixed_precision": cfg.train.mixed_precision,
+        "compile": cfg.train.compile, "channels_last": cfg.train.channels_last,
         "train_flops_per_image": flops,
         "on_the_fly": vars(on_the_fly), "cached": vars(cached), "cache_build_seconds": cache_seconds,
         "cache_speedup": cached.images_per_second / on_the_fly.images_per_second,
@@ -207,7 +212,8 @@ def format_report(r: dict) -> str:
     inf = r["inference"]
     rows = [
         f"device {r['device']} ({r['threads']} threads), batch {r['batch_size']}, {r['resolution']} px, "
-        f"precision {r['mixed_precision']}, UNet training {r['train_flops_per_image'] / 1e9:.2f} GFLOP/image",
+        f"precision {r['mixed_precision']}, compile {r['compile']}, channels-last {r['channels_last']}, "
+        f"UNet training {r['train_flops_per_image'] / 1e9:.2f} GFLOP/image",
         "| training | images/s | s/step | peak memory | MFU |",
         "| --- | --- | --- | --- | --- |",
     ]

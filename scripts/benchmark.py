@@ -1,9 +1,9 @@
 """Training and inference throughput for a config: on-the-fly encoding vs the cache, in one run.
 
-    python scripts/benchmark.py --config configs/quickstart.yaml --imagefolder 512 data.resolution=64
-writes outputs/benchmark/report.json and prints a table. --imagefolder N trains from N shapes PNGs
-written to outputs/benchmark/imagefolder; a missing VAE folder is replaced by the untrained stage-1
-architecture (same cost).
+    python scripts/benchmark.py --config configs/quickstart.yaml --imagefolder 512 --image-size 64
+writes outputs/benchmark/report.json and prints a table. --imagefolder N trains from N shapes PNGs of
+--image-size px (default: the training resolution) written to outputs/benchmark/imagefolder; a
+missing VAE folder is replaced by the untrained stage-1 architecture (same cost).
 """
 
 import json
@@ -19,6 +19,7 @@ from ldm.shapes import write_imagefolder
 def main() -> None:
     p = argument_parser(__doc__)
     p.add_argument("--imagefolder", type=int, default=0, help="write N shapes PNGs and train from them")
+    p.add_argument("--image-size", type=int, default=0, help="side of those PNGs (default: data.resolution)")
     p.add_argument("--windows", type=int, default=5), p.add_argument("--window-steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=3), p.add_argument("--out", default="outputs/benchmark")
     a = p.parse_args()
@@ -29,7 +30,7 @@ def main() -> None:
     if a.imagefolder:
         folder = out / "imagefolder"
         shutil.rmtree(folder, ignore_errors=True)
-        write_imagefolder(folder, a.imagefolder, cfg.data.resolution)
+        write_imagefolder(folder, a.imagefolder, a.image_size or cfg.data.resolution)
         cfg = load_config(a.config, overrides + [f"data.dataset={folder}"])
     if not Path(cfg.model.vae.path).exists():
         vae = save_untrained_autoencoder(cfg, out / "vae")
