@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
-Sampler = Literal["ddpm", "ddim", "dpm++", "euler", "euler-a", "unipc", "heun"]
+Sampler = Literal["ddpm", "ddim", "dpm++", "dpm++sde", "euler", "euler-a", "unipc", "heun"]
 
 
 class ConfigError(ValueError):
@@ -83,6 +83,9 @@ class ModelConfig:
 class ShapesConfig:
     num_images: int = 4096
     seed: int = 0
+    # Combinations kept out of training, "colour shape position" with * for any part (e.g. "red triangle *");
+    # the probe scores them separately, to measure generalisation to unseen captions.
+    holdout: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -374,6 +377,13 @@ def check_config(cfg: Config) -> None:
              f"must be ≥ 1 (1 disables guidance), got {s.guidance_scale}")
     _require(len(s.prompts) > 0, "sample.prompts", "needs at least one prompt")
     _require(d.num_workers >= 0, "data.num_workers", "must be ≥ 0")
+    if d.shapes.holdout:
+        from ldm.shapes import parse_holdout
+
+        try:
+            parse_holdout(d.shapes.holdout)
+        except ValueError as err:
+            raise ConfigError(f"config key 'data.shapes.holdout': {err}") from err
     _require(d.max_aspect_ratio >= 1.0, "data.max_aspect_ratio", f"must be ≥ 1, got {d.max_aspect_ratio}")
     _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
     _require(m.text_encoder.max_length is None or m.text_encoder.max_length > 1,

@@ -37,6 +37,17 @@ def shapes_probe(model, seeds: Sequence[int] = (0,), specs: Optional[Sequence[Sh
     return ProbeResult(score(readings, expected), expected, readings, images)
 
 
+def split_scores(result: ProbeResult, held_out: Sequence[ShapeSpec]) -> dict[str, dict]:
+    """Scores over combinations seen in training and over those held out of it (when any are)."""
+    held = set(held_out)
+    out = {}
+    for name, keep in (("seen", lambda s: s not in held), ("held_out", lambda s: s in held)):
+        pairs = [(r, s) for r, s in zip(result.readings, result.specs) if keep(s)]
+        if pairs:
+            out[name] = score([r for r, _ in pairs], [s for _, s in pairs])
+    return out
+
+
 def format_scores(scores: dict, title: str = "shapes probe") -> str:
     pct = {k: f"{100 * v:5.1f} %" for k, v in scores.items() if k != "n"}
     return (f"{title} ({scores['n']} images): colour {pct['colour']} | shape {pct['shape']} | "

@@ -34,6 +34,8 @@ SAMPLERS: dict[str, tuple[type, dict]] = {
     "ddpm": (DDPMScheduler, {"variance_type": "fixed_small", "clip_sample": False}),
     "ddim": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}),
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    # The stochastic variant without the torchsde dependency of DPMSolverSDEScheduler.
+    "dpm++sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "euler": (EulerDiscreteScheduler, {}),
     "euler-a": (EulerAncestralDiscreteScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
@@ -88,6 +90,7 @@ def generate(
     num_images_per_prompt: int = 1,
     batch_size: int = 16,
     device: Union[str, torch.device] = "cpu",
+    guidance_rescale: float = 0.0,
 ) -> list[Generated]:
     """Generate `num_images_per_prompt` images for each prompt; returns them with their parameters."""
     if isinstance(prompts, str):
@@ -107,12 +110,12 @@ def generate(
         images = pipe(
             prompt=[p for p, _ in chunk],
             negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-            guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, guidance_rescale=guidance_rescale,
             height=height, width=width, generator=generators, output_type="pil",
         ).images
         for (prompt, s), image in zip(chunk, images):
             params = dict(prompt=prompt, negative_prompt=negative_prompt or "", seed=s, sampler=sampler,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          height=height, width=width)
+                          guidance_rescale=guidance_rescale, height=height, width=width)
             out.append(Generated(image, prompt, s, params))
     return out

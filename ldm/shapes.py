@@ -65,6 +65,22 @@ def all_specs() -> list[ShapeSpec]:
     return [ShapeSpec(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
 
 
+def parse_holdout(entries: Sequence[str]) -> list[ShapeSpec]:
+    """Combinations held out of training, each "colour shape position" with `*` for any part:
+    "red triangle *" (at every position), "green * bottom left" (every shape there)."""
+    held: list[ShapeSpec] = []
+    for entry in entries:
+        colour, shape, *rest = entry.split() + ["*", "*"][: max(0, 3 - len(entry.split()))]
+        position = " ".join(rest)
+        for value, valid, what in ((colour, COLOURS, "colour"), (shape, SHAPES, "shape"), (position, POSITIONS, "position")):
+            if value != "*" and value not in valid:
+                raise ValueError(f"data.shapes.holdout entry {entry!r}: unknown {what} {value!r}; valid: "
+                                 f"{', '.join(valid)} or *")
+        held += [spec for spec in all_specs() if colour in ("*", spec.colour) and shape in ("*", spec.shape)
+                 and position in ("*", spec.position) and spec not in held]
+    return held
+
+
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, size: float, fill) -> None:
     h = size / 2
     if shape == "circle":

@@ -94,9 +94,10 @@ def normalise_caption(caption: object, name: str, notes: list[str]) -> str:
 
 class ShapesSource:
     def __init__(self, cfg: DataConfig):
-        from ldm.shapes import ShapesDataset
+        from ldm.shapes import ShapesDataset, parse_holdout
 
-        self.dataset = ShapesDataset(cfg.shapes.num_images, cfg.resolution, seed=cfg.shapes.seed)
+        self.dataset = ShapesDataset(cfg.shapes.num_images, cfg.resolution, seed=cfg.shapes.seed,
+                                     exclude=parse_holdout(cfg.shapes.holdout))
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -17,7 +17,8 @@ def main() -> None:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="1 disables guidance (no unconditional pass)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="for zero-terminal-SNR models, e.g. 0.7")
     p.add_argument("--steps", type=int, default=25, help="num_inference_steps")
     p.add_argument("--sampler", default="dpm++", choices=list(SAMPLERS))
     p.add_argument("--seed", type=int, default=0, help="image j is seeded seed + j")
@@ -34,7 +35,8 @@ def main() -> None:
         p.error("give at least one --prompt or a --prompts-file")
     results = generate(a.model, prompts, negative_prompt=a.negative_prompt, guidance_scale=a.guidance_scale,
                        num_inference_steps=a.steps, sampler=a.sampler, seed=a.seed, height=a.height,
-                       width=a.width, num_images_per_prompt=a.num_images, batch_size=a.batch_size, device=a.device)
+                       width=a.width, num_images_per_prompt=a.num_images, batch_size=a.batch_size, device=a.device,
+                       guidance_rescale=a.guidance_rescale)
     paths = save_generations(results, a.out)
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
 

@@ -4,7 +4,8 @@
     python scripts/quickstart.py train.max_steps=200   # any dotted override
 
 Writes outputs/quickstart/{vae,text2img/pipeline,samples,probe} and prints the checker's accuracy on
-every colour × shape × position prompt (216 prompts × 2 seeds = 432 images).
+every colour × shape × position prompt (216 prompts × 2 seeds = 432 images), separately for the
+combinations seen in training and those held out of it (data.shapes.holdout).
 """
 
 import json
@@ -12,9 +13,10 @@ import time
 
 from ldm.autoencoder import train_autoencoder
 from ldm.config import argument_parser, load_config
-from ldm.evaluation import format_scores, save_probe, shapes_probe
+from ldm.evaluation import format_scores, save_probe, shapes_probe, split_scores
 from ldm.images import save_generations
 from ldm.pipeline import generate, load_pipeline
+from ldm.shapes import parse_holdout
 from ldm.train import train
 
 
@@ -34,9 +36,11 @@ def main() -> None:
                          num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale)
     probe_grid = save_probe(probe, "outputs/quickstart/probe", {"sampler": s.sampler,
                             "num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale})
+    split = split_scores(probe, parse_holdout(cfg.data.shapes.holdout))
     print(f"sample grid: {grid}\nprobe grid: {probe_grid}")
-    print(format_scores(probe.scores))
-    print(json.dumps({"minutes_total": round((time.time() - start) / 60, 1), **probe.scores}))
+    for name, scores in split.items():
+        print(format_scores(scores, f"shapes probe, {name.replace('_', '-')} combinations"))
+    print(json.dumps({"minutes_total": round((time.time() - start) / 60, 1), **split}))
 
 
 if __name__ == "__main__":

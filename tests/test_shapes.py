@@ -61,3 +61,37 @@ def test_excluding_combinations():
     assert not any(data.spec(i) in held for i in range(500))
     with pytest.raises(ValueError, match="excluded"):
         ShapesDataset(10, 32, exclude=all_specs())
+
+
+def test_holdout_entries_and_their_errors():
+    from ldm.config import ConfigError, load_config
+    from ldm.shapes import parse_holdout
+
+    held = parse_holdout(["red triangle *", "green * bottom left"])
+    assert len(held) == 9 + 4
+    assert ShapeSpec("red", "triangle", "top") in held and ShapeSpec("green", "cross", "bottom left") in held
+    assert ShapeSpec("green", "cross", "bottom") not in held
+    with pytest.raises(ConfigError, match="unknown colour 'teal'; valid: red, orange"):
+        load_config(None, ["data.shapes.holdout=['teal circle *']"])
+    with pytest.raises(ConfigError, match="unknown position 'middle'"):
+        load_config(None, ["data.shapes.holdout=['red circle middle']"])
+    from ldm.sources import open_source
+
+    cfg = load_config(None, ["data.shapes.holdout=['red triangle *']", "data.resolution=16",
+                             "data.shapes.num_images=400"])
+    source = open_source(cfg.data)
+    captions = {source.get(i)[1] for i in range(len(source))}
+    assert len(captions) == 216 - 9 and not any(c.startswith("a red triangle") for c in captions)
+
+
+def test_probe_scores_split_seen_and_held_out():
+    from ldm.evaluation import ProbeResult, split_scores
+    from ldm.shapes import Reading
+
+    specs = [ShapeSpec("red", "circle", "top"), ShapeSpec("red", "triangle", "top"), ShapeSpec("blue", "cross", "left")]
+    readings = [Reading("red", "circle", "top", 1.0), Reading("red", "square", "top", 1.0),
+                Reading("blue", "cross", "left", 1.0)]
+    out = split_scores(ProbeResult({}, specs, readings, []), [specs[1]])
+    assert out["seen"]["all"] == 1.0 and out["seen"]["n"] == 2
+    assert out["held_out"] == {"colour": 1.0, "shape": 0.0, "position": 1.0, "all": 0.0, "n": 1}
+    assert set(split_scores(ProbeResult({}, specs, readings, []), [])) == {"seen"}
