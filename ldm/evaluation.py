@@ -1,11 +1,14 @@
-"""Probes and metrics: generate the shapes probe and score it with the analytic checker."""
+"""Probes and metrics: the shapes probe scored by the analytic checker, and sweeps over samplers,
+step counts and guidance scales, written as JSON, a Markdown table and plots."""
 
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from ldm.images import make_grid, save_png
 from ldm.pipeline import generate
@@ -64,3 +67,93 @@ def save_probe(result: ProbeResult, folder: str | Path, extra: Optional[dict] = 
             for s, r in zip(result.specs, result.readings)]
     (folder / "probe.json").write_text(json.dumps({"scores": result.scores, **(extra or {}), "images": rows}, indent=1))
     return save_png(make_grid(result.images, cols=grid_columns), folder / "probe_grid.png", extra or {})
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps: samplers × steps, guidance scale
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def count_unet_calls(pipe) -> Iterator[list[int]]:
+    """Counts UNet forward calls (network evaluations, NFE) made inside the block."""
+    calls = [0]
+    inner = pipe.unet.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    pipe.unet.forward = counted
+    try:
+        yield calls
+    finally:
+        pipe.unet.forward = inner
+
+
+def sweep(pipe, runs: Sequence[tuple[str, int, float]], seeds: Sequence[int] = (0,),
+          held_out: Sequence[ShapeSpec] = (), batch_size: int = 64) -> list[dict]:
+    """One probe per (sampler, num_inference_steps, guidance_scale); a row of scores for each."""
+    rows = []
+    for sampler, steps, guidance in runs:
+        start = time.perf_counter()
+        with count_unet_calls(pipe) as calls:
+            result = shapes_probe(pipe, seeds=seeds, sampler=sampler, num_inference_steps=steps,
+                                  guidance_scale=guidance, batch_size=batch_size)
+        batches = -(-len(result.specs) // batch_size)
+        rows.append({"sampler": sampler, "steps": steps, "guidance_scale": guidance,
+                     "nfe": calls[0] // batches, "seconds": round(time.perf_counter() - start, 1),
+                     **{k: v for k, v in split_scores(result, held_out).items()}})
+    return rows
+
+
+def sweep_table(rows: Sequence[dict]) -> str:
+    """Markdown: one line per run, all-correct accuracy on seen (and held-out) combinations."""
+    held = any("held_out" in r for r in rows)
+    head = "| sampler | steps | NFE | guidance | colour | shape | position | all (seen) |" + (
+        " all (held out) |" if held else "")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in rows:
+        s = r["seen"]
+        line = (f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['guidance_scale']:g} | {100 * s['colour']:.1f} % | "
+                f"{100 * s['shape']:.1f} % | {100 * s['position']:.1f} % | {100 * s['all']:.1f} % |")
+        lines.append(line + (f" {100 * r['held_out']['all']:.1f} % |" if held else ""))
+    return "\n".join(lines)
+
+
+def plot_sweeps(sampler_rows: Sequence[dict], guidance_rows: Sequence[dict], folder: str | Path) -> list[Path]:
+    """accuracy_vs_nfe.png (one line per sampler) and accuracy_vs_guidance.png."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("plots need matplotlib: pip install -e '.[plots]'") from err
+    folder = Path(folder)
+    paths = []
+    if sampler_rows:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in dict.fromkeys(r["sampler"] for r in sampler_rows):
+            rows = sorted((r for r in sampler_rows if r["sampler"] == name), key=lambda r: r["nfe"])
+            ax.plot([r["nfe"] for r in rows], [100 * r["seen"]["all"] for r in rows], marker="o", label=name)
+        ax.set(xscale="log", xlabel="network evaluations per image", ylabel="all three correct (%)",
+               title="shapes probe: accuracy vs sampling cost")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths.append(folder / "accuracy_vs_nfe.png")
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    if guidance_rows:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        rows = sorted(guidance_rows, key=lambda r: r["guidance_scale"])
+        for key, label in (("seen", "seen combinations"), ("held_out", "held-out combinations")):
+            if all(key in r for r in rows):
+                ax.plot([r["guidance_scale"] for r in rows], [100 * r[key]["all"] for r in rows], marker="o", label=label)
+        ax.set(xlabel="guidance scale", ylabel="all three correct (%)", title="shapes probe: accuracy vs guidance")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths.append(folder / "accuracy_vs_guidance.png")
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    return paths

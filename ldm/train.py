@@ -165,12 +165,11 @@ def validate(cfg: Config, step: int, frozen: FrozenEncoders, unet, scheduler, ou
     return path
 
 
-def train(cfg: Config, dry_run: bool = False, show_progress: bool = True) -> Optional[Path]:
+def train(cfg: Config, show_progress: bool = True) -> Path:
+    """Train the UNet as configured; returns the exported pipeline folder."""
     t = cfg.train
     # 1. Config against the components' own configs, before anything heavy.
     vae_info, text_info = check_components(cfg)
-    if dry_run:
-        return None
     # 2. Accelerator (processes, devices, mixed precision, accumulation), output folder, config.
     out = Path(t.output_dir)
     accelerator = Accelerator(

@@ -97,6 +97,22 @@ def tiny_overrides(tiny: dict, out: Path, text_encoder: str = "bert") -> list[st
     ]
 
 
+def write_config(path: Path, overrides: list[str]) -> Path:
+    """A YAML config file holding these dotted overrides (what a user would write by hand)."""
+    import yaml
+
+    tree: dict = {}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
 @pytest.fixture
 def write_imagefolder(tmp_path):
     """Write an imagefolder (PNG files + metadata.jsonl) made 'by someone else': custom columns."""

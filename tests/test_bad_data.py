@@ -132,3 +132,20 @@ def test_too_much_bad_data_stops_before_training_and_lists_files(tiny, tmp_path,
     text = str(err.value)
     assert "more than data.max_bad_fraction=0.05" in text and "empty.png" in text and "truncated.png" in text
     assert not (tmp_path / "run" / "pipeline").exists()
+
+
+def test_a_file_that_breaks_after_the_audit_is_replaced_not_fatal(tmp_path, caplog):
+    from ldm.data import SampleStream
+    from ldm.shapes import write_imagefolder
+    from ldm.sources import open_audited
+
+    folder = write_imagefolder(tmp_path / "f", 6, 16)
+    cfg = load_config(None, [f"data.dataset={folder}", "data.resolution=16"])
+    stream = SampleStream(open_audited(cfg.data), cfg.data, seed=0)
+    position = 2
+    broken = stream.index_of(position)
+    (folder / "images" / f"{broken:06d}.png").write_bytes(b"")  # zero bytes now
+    item = stream[position]
+    assert item["pixel_values"].shape == (3, 16, 16)
+    assert "empty file" in caplog.text and "using the next sample" in caplog.text
+    assert stream[position]["caption"] == item["caption"]  # the replacement is deterministic

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, write_config
 from ldm.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,19 +52,6 @@ runpy.run_path("scripts/train_text2img.py", run_name="__main__")
 
 def _env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _write_config(path: Path, overrides: list[str]) -> Path:
-    tree: dict = {}
-    for item in overrides:
-        key, value = item.split("=", 1)
-        node = tree
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    path.write_text(yaml.safe_dump(tree))
-    return path
 
 
 def _launch_and_kill(tmp: Path, config: Path, mode: str, seconds: float, kill_when: Path) -> None:
@@ -113,7 +99,7 @@ def uninterrupted(tiny, tmp_path_factory) -> Path:
 
 def test_exact_resume_after_sigkill_mid_epoch(tiny, tmp_path, uninterrupted):
     out = tmp_path / "killed"
-    config = _write_config(tmp_path / "run.yaml", tiny_overrides(tiny, out) + RUN)
+    config = write_config(tmp_path / "run.yaml", tiny_overrides(tiny, out) + RUN)
     _launch_and_kill(tmp_path, config, "step", 0.4, out / "checkpoints" / "step_000004")
     assert not (out / "checkpoints" / "step_000009").exists(), "the run was meant to die mid-way"
     proc = subprocess.run([sys.executable, "scripts/train_text2img.py", "--config", str(config), "train.resume=latest"],
@@ -132,7 +118,7 @@ def test_exact_resume_after_sigkill_mid_epoch(tiny, tmp_path, uninterrupted):
 
 def test_sigkill_while_checkpoint_is_written(tiny, tmp_path, uninterrupted):
     out = tmp_path / "killed-in-save"
-    config = _write_config(tmp_path / "run.yaml", tiny_overrides(tiny, out) + RUN)
+    config = write_config(tmp_path / "run.yaml", tiny_overrides(tiny, out) + RUN)
     _launch_and_kill(tmp_path, config, "checkpoint", 30.0,
                      out / "checkpoints" / "step_000004.tmp" / "unet.safetensors")
     ckpts = out / "checkpoints"
@@ -171,7 +157,7 @@ def test_two_processes_match_one_process_at_twice_the_batch(tiny, tmp_path):
     # With ε well above that scale the two runs agree to 1.6e-7 (1.4e-4 with ε = 1e-8).
     common = tiny_overrides(tiny, tmp_path) + ["train.max_steps=3", "train.checkpoint_every=3", "train.adam_epsilon=1e-4",
                                                "train.record_samples=true", "train.lr_scheduler=cosine"]
-    two = _write_config(tmp_path / "two.yaml", common + [f"train.output_dir={tmp_path / 'two'}", "train.batch_size=2",
+    two = write_config(tmp_path / "two.yaml", common + [f"train.output_dir={tmp_path / 'two'}", "train.batch_size=2",
                                                          "train.validate_every=2"])  # rank 0 validates mid-run
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

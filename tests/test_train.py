@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, write_config
 from ldm.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,17 +148,8 @@ def test_clip_text_encoder_and_cache_train(tiny, tmp_path):
 def test_imagefolder_by_someone_else_trains_with_config_only(tiny, tmp_path, write_imagefolder):
     """Dataset path, caption column and resolution changed in YAML; no code change."""
     folder = write_imagefolder(n=8, caption_column="description", size=20)
-    overrides = dict(o.split("=", 1) for o in tiny_overrides(tiny, tmp_path / "run"))
-    overrides.update({"data.dataset": str(folder), "data.caption_column": "description", "data.resolution": "24"})
-    tree: dict = {}
-    for key, value in overrides.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    config = tmp_path / "mine.yaml"
-    config.write_text(yaml.safe_dump(tree))
+    config = write_config(tmp_path / "mine.yaml", tiny_overrides(tiny, tmp_path / "run") + [
+        f"data.dataset={folder}", "data.caption_column=description", "data.resolution=24"])
     stdout = _run(["scripts/train_text2img.py", "--config", str(config)])
     pipeline = Path(stdout.strip().splitlines()[-1].split(": ", 1)[1])
     from ldm import generate
@@ -199,3 +189,60 @@ def test_sd15_dry_run_counts_860m_parameters_offline(tmp_path):
     assert report["latent_shape"] == [4, 64, 64] and report["prompt_embeds_shape"] == [77, 768]
     assert report["train_tflops_per_image"] == pytest.approx(2.4, rel=0.05)
     assert "859.5M" in stdout
+
+
+def test_bf16_mixed_precision_with_gradient_checkpointing_keeps_the_vae_in_fp32(tiny, tmp_path):
+    """bf16 autocast for the UNet only (accelerate), gradient checkpointing on; the VAE encodes and ships in fp32."""
+    from conftest import write_config
+
+    out = tmp_path / "bf16"
+    config = write_config(tmp_path / "bf16.yaml", tiny_overrides(tiny, out) + [
+        "train.mixed_precision=bf16", "train.gradient_checkpointing=true", "train.max_steps=3", "train.log_every=1"])
+    stdout = _run(["scripts/train_text2img.py", "--config", str(config)])
+    assert "exported pipeline" in stdout
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    vae = AutoencoderKL.from_pretrained(out / "pipeline" / "vae")
+    unet = UNet2DConditionModel.from_pretrained(out / "pipeline" / "unet")
+    assert next(vae.parameters()).dtype == torch.float32 and next(unet.parameters()).dtype == torch.float32
+    assert all(torch.isfinite(p).all() for p in unet.parameters())
+
+
+def test_xformers_without_xformers_is_a_config_error(tiny, tmp_path):
+    try:
+        import xformers  # noqa: F401
+        pytest.skip("xformers is installed here")
+    except ImportError:
+        pass
+    from ldm.config import ConfigError
+    from ldm.train import train
+
+    with pytest.raises(ConfigError, match="'train.attention': xformers is not usable here"):
+        train(load_config(None, tiny_overrides(tiny, tmp_path) + ["train.attention=xformers"]), show_progress=False)
+
+
+def test_evaluate_script_sweeps_samplers_and_guidance(trained, tmp_path):
+    out = tmp_path / "eval"
+    stdout = _run(["scripts/evaluate.py", "--model", str(trained), "--samplers", "dpm++:2,3", "euler-a:2",
+                   "--guidance", "1,3", "--guidance-sampler", "ddim:2", "--out", str(out)], timeout=600)
+    report = json.loads((out / "sweep.json").read_text())
+    runs = [(r["sampler"], r["steps"], r["guidance_scale"]) for r in report["samplers"] + report["guidance"]]
+    assert runs == [("dpm++", 2, 4.0), ("dpm++", 3, 4.0), ("euler-a", 2, 4.0), ("ddim", 2, 1.0), ("ddim", 2, 3.0)]
+    for row in report["samplers"] + report["guidance"]:
+        assert row["seen"]["n"] == 216 and 0.0 <= row["seen"]["all"] <= 1.0
+    # NFE counts UNet calls per image batch (guidance batches both passes into one call).
+    assert [r["nfe"] for r in report["samplers"]] == [2, 3, 2]
+    assert (out / "accuracy_vs_nfe.png").stat().st_size > 1000 and (out / "accuracy_vs_guidance.png").is_file()
+    assert "| dpm++ | 3 | 3 | 4 |" in (out / "sweep.md").read_text() and "| dpm++ | 3 |" in stdout
+
+
+def test_guidance_batches_both_passes_and_one_skips_the_unconditional(trained):
+    from ldm import generate
+    from ldm.pipeline import load_pipeline
+
+    pipe, sizes = load_pipeline(str(trained)), []
+    pipe.unet.register_forward_pre_hook(lambda module, args, kwargs: sizes.append(args[0].shape[0]), with_kwargs=True)
+    generate(pipe, ["a red circle", "a blue cross"], guidance_scale=1.0, num_inference_steps=2)
+    generate(pipe, ["a red circle", "a blue cross"], guidance_scale=3.0, num_inference_steps=2,
+             negative_prompt="a square")
+    assert sizes == [2, 2, 4, 4]  # one UNet call per step: B without guidance, 2B (cond + uncond) with it
