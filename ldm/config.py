@@ -106,6 +106,9 @@ class DataConfig:
     # flips are cached as their own variant). Training then reads the cache and loads no encoder.
     cache: bool = False
     cache_dir: str = "outputs/cache"
+    # The last N samples never enter training; their loss with fixed noise and timesteps, per timestep
+    # bucket, is logged at every validation (and at the end).
+    validation_images: int = 0
     # Latents used for training: a fresh sample of q(z|x) each time (the LDM recipe) or its mean.
     latent_sample: Literal["sample", "mean"] = "sample"
     # The audit decodes every sample once before training, converting or skipping bad ones.
@@ -377,6 +380,7 @@ def check_config(cfg: Config) -> None:
              f"must be ≥ 1 (1 disables guidance), got {s.guidance_scale}")
     _require(len(s.prompts) > 0, "sample.prompts", "needs at least one prompt")
     _require(d.num_workers >= 0, "data.num_workers", "must be ≥ 0")
+    _require(d.validation_images >= 0, "data.validation_images", "must be ≥ 0")
     if d.shapes.holdout:
         from ldm.shapes import parse_holdout
 

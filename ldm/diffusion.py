@@ -112,3 +112,18 @@ def ddpm_reverse_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, betas: torch
     if t == 0:
         return mean
     return mean + torch.sqrt(posterior_variance(betas, alphas_cumprod, t)) * z
+
+
+def validation_draws(seed: int, num_images: int, latent_shape: tuple[int, int, int], num_train_timesteps: int,
+                     buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed noise (N·K, C, h, w) and timesteps (N·K,): image i, bucket k gets a t drawn inside
+    [k·T/K, (k+1)·T/K), row i·K + k. The same every call, so validation losses are comparable."""
+    noise, timesteps = [], []
+    width = num_train_timesteps / buckets
+    for i in range(num_images):
+        for k in range(buckets):
+            g = sample_generator(seed, i * buckets + k, stream=2)
+            noise.append(torch.randn(latent_shape, generator=g))
+            lo, hi = int(k * width), max(int((k + 1) * width), int(k * width) + 1)
+            timesteps.append(torch.randint(lo, hi, (1,), generator=g))
+    return torch.stack(noise), torch.cat(timesteps)

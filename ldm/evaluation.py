@@ -10,6 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+import torch
+
+from ldm.components import encode_prompts, latent_distribution
+from ldm.config import DataConfig
+from ldm.data import prepare_image
+from ldm.diffusion import training_target, validation_draws
 from ldm.images import make_grid, save_png
 from ldm.pipeline import generate
 from ldm.shapes import ShapeSpec, all_specs, read_image, score
@@ -157,3 +163,47 @@ def plot_sweeps(sampler_rows: Sequence[dict], guidance_rows: Sequence[dict], fol
         fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)
     return paths
+
+
+# --------------------------------------------------------------------------------------------
+# Validation loss per timestep bucket
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_images(vae, tokenizer, text_encoder, images: Sequence, captions: Sequence[str], resolution: int,
+                  batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """latents (N, C, h, w) = posterior mean × scaling factor, and prompt_embeds (N, L, D)."""
+    cfg = DataConfig(resolution=resolution)
+    latents, embeds = [], []
+    for start in range(0, len(images), batch_size):
+        x = torch.stack([prepare_image(im, cfg) for im in images[start:start + batch_size]])
+        latents.append(latent_distribution(vae, x)[0].cpu() * vae.config.scaling_factor)
+        embeds.append(encode_prompts(tokenizer, text_encoder, list(captions[start:start + batch_size])).cpu())
+    return torch.cat(latents), torch.cat(embeds)
+
+
+@torch.no_grad()
+def validation_loss(unet, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor, prediction_type: str,
+                    buckets: int = 10, seed: int = 0, batch_size: int = 64) -> dict[str, float]:
+    """Mean squared error (unweighted) with fixed noise and timesteps, per timestep bucket and overall.
+
+    Each image is noised once per bucket, so every bucket sees every image: the loss at high t says how
+    well the model lays out a picture, at low t how well it renders detail."""
+    n, T = latents.shape[0], scheduler.config.num_train_timesteps
+    noise, timesteps = validation_draws(seed, n, tuple(latents.shape[1:]), T, buckets)
+    device = next(unet.parameters()).device
+    x0 = latents.repeat_interleave(buckets, dim=0)  # (N·K, C, h, w): row i·K + k
+    context = prompt_embeds.repeat_interleave(buckets, dim=0)
+    errors = []
+    for s in range(0, len(x0), batch_size):
+        sl = slice(s, s + batch_size)
+        x, eps, t = x0[sl].to(device), noise[sl].to(device), timesteps[sl].to(device)
+        pred = unet(scheduler.add_noise(x, eps, t), t, context[sl].to(device)).sample
+        target = training_target(scheduler, x, eps, t, prediction_type)
+        errors.append(((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).cpu())
+    per_row = torch.cat(errors).view(n, buckets)
+    width = T / buckets
+    out = {f"t{int(k * width):03d}-{int((k + 1) * width) - 1:03d}": float(per_row[:, k].mean()) for k in range(buckets)}
+    out["mean"] = float(per_row.mean())
+    return out

@@ -53,6 +53,7 @@ from ldm.components import (
 from ldm.config import Config, ConfigError, save_config
 from ldm.data import SampleStream, StreamBatches
 from ldm.diffusion import SampleDraws, diffusion_loss, draw_samples, min_snr_weights, snr, training_target
+from ldm.evaluation import encode_images, validation_loss
 from ldm.images import make_grid, save_png
 from ldm.sources import open_audited
 from ldm.pipeline import assemble_pipeline, generate
@@ -112,6 +113,23 @@ def iterate_batches(stream: SampleStream, sampler: StreamBatches, encoded: Optio
     loader = torch.utils.data.DataLoader(stream, batch_sampler=sampler, num_workers=num_workers,
                                          pin_memory=pin_memory, persistent_workers=num_workers > 0)
     yield from loader
+
+
+def _log_validation_loss(cfg: Config, step: int, stream: SampleStream, val_set: list, frozen: FrozenEncoders,
+                         unet, scheduler, out: Path, accelerator: Accelerator) -> None:
+    """Loss per timestep bucket on the held-back samples (fixed draws); appended to validation_loss.jsonl."""
+    n = cfg.data.validation_images
+    if not n:
+        return
+    if not val_set:
+        items = [stream.source.get(i) for i in range(stream.size, stream.size + n)]
+        val_set += encode_images(frozen.vae, *frozen.text, [im for im, _ in items], [c for _, c in items],
+                                 cfg.data.resolution)
+    losses = validation_loss(unet, scheduler, *val_set, cfg.model.scheduler.prediction_type, seed=cfg.train.seed)
+    accelerator.log({f"val/loss_{k}": v for k, v in losses.items()}, step=step)
+    with (out / "validation_loss.jsonl").open("a") as f:
+        f.write(json.dumps({"step": step, **losses}) + "\n")
+    accelerator.print(f"step {step}: validation loss {losses['mean']:.4f} on {n} held-back images")
 
 
 def _record(path: Path, step: int, batch: dict) -> None:
@@ -188,6 +206,12 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
                           cfg.data, t.seed)
     if main and hasattr(stream.source, "report"):
         (out / "data_audit.json").write_text(json.dumps(stream.source.report.to_dict(), indent=1))
+    n_val = cfg.data.validation_images
+    if n_val >= stream.size:
+        raise ConfigError(f"config key 'data.validation_images': {n_val} leaves nothing to train on "
+                          f"({stream.size} samples); use fewer")
+    stream.size -= n_val  # the last n_val samples never enter the training stream
+    val_set: list = []  # [latents, prompt_embeds], encoded at the first validation
     # 4. Components. Frozen encoders load on first use (the VAE in its configured dtype, fp32 by default).
     frozen = FrozenEncoders(cfg.model, device)
     torch.manual_seed(t.seed)  # UNet initialisation is identical on every process
@@ -309,6 +333,7 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
         if t.validate_every and step % t.validate_every == 0 and step < t.max_steps and main:
             with ema_weights(base, ema if t.ema_for_export else None):
                 validate(cfg, step, frozen, base, scheduler, out, accelerator)
+                _log_validation_loss(cfg, step, stream, val_set, frozen, base, scheduler, out, accelerator)
             base.train()
     bar.close()
     # 8. Export (EMA weights by default) and a last validation grid.
@@ -321,6 +346,7 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
             export_pipeline(folder, frozen.vae.to(torch.float32), text_encoder, tokenizer, base, scheduler, cfg)
             if t.validate_every:
                 validate(cfg, step, frozen, base, scheduler, out, accelerator)
+            _log_validation_loss(cfg, step, stream, val_set, frozen, base, scheduler, out, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return folder

@@ -4,7 +4,8 @@
         --samplers dpm++:5,10,20,50 ddim:10,20,50 ddpm:1000 --guidance 1,2,3,4,6,8,10
 
 Held-out combinations come from the pipeline's own ldm_config.yaml (data.shapes.holdout) and are
-scored separately. Writes sweep.json, sweep.md and accuracy_vs_nfe.png / accuracy_vs_guidance.png.
+scored separately. Also reports the loss with fixed noise and timesteps, per timestep bucket, on
+fresh shapes pictures. Writes sweep.json, sweep.md and accuracy_vs_nfe.png / accuracy_vs_guidance.png.
 """
 
 import argparse
@@ -12,9 +13,9 @@ import json
 from pathlib import Path
 
 from ldm.config import load_config
-from ldm.evaluation import plot_sweeps, sweep, sweep_table
+from ldm.evaluation import encode_images, plot_sweeps, sweep, sweep_table, validation_loss
 from ldm.pipeline import load_pipeline
-from ldm.shapes import parse_holdout
+from ldm.shapes import ShapesDataset, parse_holdout
 
 
 def main() -> None:
@@ -25,6 +26,8 @@ def main() -> None:
     p.add_argument("--guidance", default="1,2,3,4,6,8,10", help="scales of the guidance sweep ('' for none)")
     p.add_argument("--guidance-sampler", default="dpm++:20", help="NAME:STEPS used for the guidance sweep")
     p.add_argument("--seeds", type=int, default=1, help="probe seeds (216 prompts each)")
+    p.add_argument("--validation-images", type=int, default=432,
+                   help="fresh shapes pictures (never trained on) for the loss per timestep bucket")
     p.add_argument("--out", default="outputs/eval")
     a = p.parse_args()
     cfg_file = Path(a.model) / "ldm_config.yaml"
@@ -36,13 +39,21 @@ def main() -> None:
     g_name, g_steps = a.guidance_sampler.split(":")
     scales = [float(g) for g in a.guidance.split(",") if g]
     guidance_rows = sweep(pipe, [(g_name, int(g_steps), g) for g in scales], seeds, held)
+    # Validation loss: jittered renders of every combination from a seed training never uses.
+    fresh = ShapesDataset(a.validation_images, pipe.unet.config.sample_size * pipe.vae_scale_factor, seed=1_000_003)
+    items = [fresh[i] for i in range(len(fresh))]
+    latents, embeds = encode_images(pipe.vae, pipe.tokenizer, pipe.text_encoder, [i["image"] for i in items],
+                                    [i["text"] for i in items], fresh.resolution)
+    val = validation_loss(pipe.unet, pipe.scheduler, latents, embeds, pipe.scheduler.config.prediction_type)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({"samplers": sampler_rows, "guidance": guidance_rows}, indent=1))
+    (out / "sweep.json").write_text(json.dumps({"samplers": sampler_rows, "guidance": guidance_rows,
+                                               "validation_loss": val}, indent=1))
     table = sweep_table(sampler_rows + guidance_rows)
     (out / "sweep.md").write_text(table + "\n")
     plots = plot_sweeps(sampler_rows, guidance_rows, out)
     print(table)
+    print("validation loss per timestep bucket: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
     print(f"wrote {out / 'sweep.json'}, {out / 'sweep.md'}, " + ", ".join(map(str, plots)))
 
 

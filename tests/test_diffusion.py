@@ -132,3 +132,32 @@ def test_two_processes_at_b_see_what_one_process_sees_at_2b():
     r0, r1 = StreamBatches(4, 0, 3, rank=0, world_size=2), StreamBatches(4, 0, 3, rank=1, world_size=2)
     for k in range(3):
         assert one.positions(k) == r0.positions(k) + r1.positions(k)
+
+
+def test_validation_draws_are_fixed_and_fall_in_their_buckets():
+    from ldm.diffusion import validation_draws
+
+    noise, t = validation_draws(0, 6, (4, 2, 2), 1000, 10)
+    again, t2 = validation_draws(0, 6, (4, 2, 2), 1000, 10)
+    assert torch.equal(noise, again) and torch.equal(t, t2)
+    assert [int(x) // 100 for x in t[:10]] == list(range(10))  # image 0, buckets 0..9 in order
+
+
+def test_validation_loss_of_a_zero_prediction_is_the_noise_power():
+    """A model predicting ε̂ = 0 has loss E‖ε‖² = 1 (per element) in every bucket."""
+    from types import SimpleNamespace
+
+    from ldm.evaluation import validation_loss
+
+    class Zero(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, t, context):
+            return SimpleNamespace(sample=torch.zeros_like(x))
+
+    losses = validation_loss(Zero(), build_scheduler(SchedulerConfig()), torch.randn(64, 4, 8, 8),
+                             torch.randn(64, 3, 5), "epsilon", buckets=4)
+    assert list(losses) == ["t000-249", "t250-499", "t500-749", "t750-999", "mean"]
+    assert all(v == pytest.approx(1.0, abs=0.05) for v in losses.values())

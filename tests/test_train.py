@@ -223,13 +223,15 @@ def test_xformers_without_xformers_is_a_config_error(tiny, tmp_path):
 
 def test_evaluate_script_sweeps_samplers_and_guidance(trained, tmp_path):
     out = tmp_path / "eval"
-    stdout = _run(["scripts/evaluate.py", "--model", str(trained), "--samplers", "dpm++:2,3", "euler-a:2",
+    stdout = _run(["scripts/evaluate.py", "--model", str(trained), "--validation-images", "16",
+                   "--samplers", "dpm++:2,3", "euler-a:2",
                    "--guidance", "1,3", "--guidance-sampler", "ddim:2", "--out", str(out)], timeout=600)
     report = json.loads((out / "sweep.json").read_text())
     runs = [(r["sampler"], r["steps"], r["guidance_scale"]) for r in report["samplers"] + report["guidance"]]
     assert runs == [("dpm++", 2, 4.0), ("dpm++", 3, 4.0), ("euler-a", 2, 4.0), ("ddim", 2, 1.0), ("ddim", 2, 3.0)]
     for row in report["samplers"] + report["guidance"]:
         assert row["seen"]["n"] == 216 and 0.0 <= row["seen"]["all"] <= 1.0
+    assert len(report["validation_loss"]) == 11 and report["validation_loss"]["mean"] > 0  # 10 buckets + mean
     # NFE counts UNet calls per image batch (guidance batches both passes into one call).
     assert [r["nfe"] for r in report["samplers"]] == [2, 3, 2]
     assert (out / "accuracy_vs_nfe.png").stat().st_size > 1000 and (out / "accuracy_vs_guidance.png").is_file()
@@ -246,3 +248,35 @@ def test_guidance_batches_both_passes_and_one_skips_the_unconditional(trained):
     generate(pipe, ["a red circle", "a blue cross"], guidance_scale=3.0, num_inference_steps=2,
              negative_prompt="a square")
     assert sizes == [2, 2, 4, 4]  # one UNet call per step: B without guidance, 2B (cond + uncond) with it
+
+
+def test_process_pictures(trained, tmp_path):
+    from ldm.pipeline import load_pipeline
+    from ldm.shapes import ShapeSpec, render
+    from ldm.visualisation import forward_strip, guidance_grid, reverse_strip
+
+    pipe = load_pipeline(str(trained))
+    strip = forward_strip(pipe, render(ShapeSpec("red", "circle", "center"), 16), timesteps=(0, 500, 999))
+    assert strip.size == (3 * 18 + 2, 20)  # 3 tiles of 16 px with 2 px padding
+    frames = np.asarray(strip, dtype=np.float64)
+    tile = [frames[2:18, 2 + 18 * i:18 + 18 * i] for i in range(3)]
+    # t = 0 is the (decoded) image itself; noisier frames move further away from it.
+    assert np.abs(tile[1] - tile[0]).mean() < np.abs(tile[2] - tile[0]).mean()
+    rev = reverse_strip(pipe, "a red circle in the center", num_inference_steps=4, show=3)
+    assert rev.size == (3 * 18 + 2, 2 * 18 + 2)
+    assert guidance_grid(pipe, "a red circle", scales=(1, 5), num_inference_steps=2).size == (2 * 18 + 2, 20)
+    stdout = _run(["scripts/visualise.py", "--model", str(trained), "--out", str(tmp_path / "vis")])
+    assert all((tmp_path / "vis" / f"{n}.png").is_file() for n in ("forward", "reverse", "guidance")), stdout
+
+
+def test_validation_loss_on_held_back_samples_is_logged(tiny, tmp_path):
+    from ldm.train import train
+
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path) + ["data.validation_images=4", "train.validate_every=1",
+                                                              "train.max_steps=2", "train.record_samples=true"])
+    train(cfg, show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "validation_loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # at each validation; the last one after export
+    assert set(rows[0]) == {"step", "mean", *(f"t{100 * k:03d}-{100 * k + 99:03d}" for k in range(10))}
+    used = {i for line in (tmp_path / "samples_rank0.jsonl").read_text().splitlines() for i in json.loads(line)["indices"]}
+    assert used.isdisjoint(range(28, 32))  # the last 4 of the 32 shapes never entered training
