@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
+from diffusers import DDPMScheduler
 
 from ldm.components import encode_prompts, latent_distribution
 from ldm.config import DataConfig
@@ -190,6 +191,9 @@ def validation_loss(unet, scheduler, latents: torch.Tensor, prompt_embeds: torch
 
     Each image is noised once per bucket, so every bucket sees every image: the loss at high t says how
     well the model lays out a picture, at low t how well it renders detail."""
+    # Noise with the closed form q(x_t|x_0) of the model's own schedule: a sampler's add_noise (e.g.
+    # DPM-Solver++) looks t up in its inference schedule instead and would noise to the wrong level.
+    scheduler = DDPMScheduler.from_config(scheduler.config)
     n, T = latents.shape[0], scheduler.config.num_train_timesteps
     noise, timesteps = validation_draws(seed, n, tuple(latents.shape[1:]), T, buckets)
     device = next(unet.parameters()).device

@@ -161,3 +161,27 @@ def test_validation_loss_of_a_zero_prediction_is_the_noise_power():
                              torch.randn(64, 3, 5), "epsilon", buckets=4)
     assert list(losses) == ["t000-249", "t250-499", "t500-749", "t750-999", "mean"]
     assert all(v == pytest.approx(1.0, abs=0.05) for v in losses.values())
+
+
+def test_validation_loss_does_not_depend_on_the_sampler_it_is_given():
+    """Any scheduler config of the model gives the same loss: noising always uses q(x_t|x_0)."""
+    from types import SimpleNamespace
+
+    from ldm.evaluation import validation_loss
+
+    class Echo(torch.nn.Module):  # predicts ε̂ = x_t: good at high t, wrong at low t
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, t, context):
+            return SimpleNamespace(sample=x)
+
+    base = build_scheduler(SchedulerConfig())
+    dpm = make_scheduler("dpm++", base.config)
+    dpm.set_timesteps(20)
+    latents, embeds = torch.randn(32, 4, 4, 4), torch.randn(32, 3, 5)
+    a = validation_loss(Echo(), base, latents, embeds, "epsilon", buckets=4)
+    b = validation_loss(Echo(), dpm, latents, embeds, "epsilon", buckets=4)
+    assert a == b
+    assert a["t750-999"] < 0.1 < a["t000-249"]  # x_t ≈ ε only at high noise
