@@ -274,12 +274,6 @@ def build_scheduler(cfg: SchedulerConfig) -> DDPMScheduler:
 # --------------------------------------------------------------------------------------------
 
 
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    """input_ids (B, L): padded to the tokenizer's limit and truncated, as StableDiffusionPipeline does."""
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
-
-
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     """prompt_embeds (B, L, D): the text encoder's last hidden state, computed exactly as the exported
@@ -296,10 +290,6 @@ def latent_distribution(vae: AutoencoderKL, pixel_values: torch.Tensor) -> tuple
     """(mean, std) of q(z|x), each (B, C, H/f, W/f), in the VAE's own (unscaled) units."""
     dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
     return dist.mean.float(), dist.std.float()
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def unet_flops_per_image(unet_config: dict, seq_len: int) -> int:
