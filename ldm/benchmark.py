@@ -9,11 +9,13 @@ call and per denoising step inside a real pipeline call, so the per-step overhea
 
 from __future__ import annotations
 
+import json
 import statistics
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional
 
 import psutil
@@ -34,11 +36,60 @@ from ldm.data import SampleStream, StreamBatches
 from ldm.diffusion import draw_samples
 from ldm.pipeline import assemble_pipeline
 from ldm.sources import open_audited
-from ldm.train import iterate_batches, encode_batch, train_step
+from ldm.train import encode_batch, iterate_batches, set_tf32, train_step
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by substring of the device name.
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
              "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+# Architectures (from each repository's config.json) of the published components the SD recipe names, so a
+# benchmark can run with random weights of the same shapes where the real ones cannot be downloaded: the cost
+# of a forward pass does not depend on the values of the weights.
+STAND_IN_VAES = {
+    "stabilityai/sd-vae-ft-mse": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                      norm_num_groups=32, scaling_factor=0.18215),
+}
+STAND_IN_VAES["stabilityai/sd-vae-ft-ema"] = STAND_IN_VAES["stabilityai/sd-vae-ft-mse"]
+STAND_IN_TEXT_ENCODERS = {
+    "openai/clip-vit-large-patch14": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                          num_attention_heads=12, projection_dim=768),
+    "openai/clip-vit-base-patch32": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                                         num_attention_heads=8, projection_dim=512),
+}
+
+
+def save_stand_ins(cfg: Config, folder: Path) -> list[str]:
+    """Random-weight copies of the Hub components in `cfg` that have a known architecture, saved under `folder`;
+    returns the config overrides that point at them. The tokenizer is a small letter-level BPE (tokenizing is not
+    what a benchmark measures); the text model keeps the real vocabulary size and 77 positions."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    overrides = []
+    vae_arch = STAND_IN_VAES.get(cfg.model.vae.path)
+    if vae_arch is not None:
+        n = len(vae_arch["block_out_channels"])
+        torch.manual_seed(0)
+        AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                      sample_size=cfg.data.resolution, **vae_arch).save_pretrained(folder / "vae")
+        overrides += [f"model.vae.path={folder / 'vae'}", "model.vae.subfolder=null"]
+    text_arch = STAND_IN_TEXT_ENCODERS.get(cfg.model.text_encoder.path)
+    if text_arch is not None:
+        out = folder / "text_encoder"
+        out.mkdir(parents=True, exist_ok=True)
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+        for token in list(letters) + [c + "</w>" for c in letters]:
+            vocab[token] = len(vocab)
+        (out / "vocab.json").write_text(json.dumps(vocab))
+        (out / "merges.txt").write_text("#version: 0.2\n")
+        CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77).save_pretrained(out)
+        torch.manual_seed(0)
+        CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
+                                     bos_token_id=0, eos_token_id=1, pad_token_id=1, **text_arch)).save_pretrained(out)
+        overrides += [f"model.text_encoder.path={out}", "model.text_encoder.subfolder=null"]
+    return overrides
 
 
 @contextmanager
@@ -175,16 +226,20 @@ def time_inference(cfg: Config, frozen: FrozenEncoders, device: torch.device, st
 
 
 def run_benchmark(cfg: Config, warmup: int = 3, windows: int = 5, window_steps: int = 4,
-                  inference_steps: int = 20, inference_batch: int = 16) -> dict:
+                  inference_steps: int = 20, inference_batch: int = 16, cached_only: bool = False) -> dict:
+    """The whole report; `cached_only` skips the on-the-fly baseline and inference (for quick GPU sweeps)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    set_tf32(cfg.train.allow_tf32)
     vae_info, text_info = check_components(cfg)
     stream = SampleStream(open_audited(cfg.data), cfg.data, cfg.train.seed)
     frozen = FrozenEncoders(cfg.model, device)
-    on_the_fly = time_training(cfg, stream, frozen, None, device, warmup, windows, window_steps)
+    on_the_fly = None if cached_only else time_training(cfg, stream, frozen, None, device, warmup, windows,
+                                                        window_steps)
     start = time.perf_counter()
     encoded = build_cache(stream, cfg.data.cache_dir, lambda: frozen.vae, lambda: frozen.text,
                           *cache_fingerprints(cfg, frozen), show_progress=False)
     cache_seconds = time.perf_counter() - start
+    frozen.release()  # training from the cache needs neither encoder
     cached = time_training(cfg, stream, frozen, encoded, device, warmup, windows, window_steps)
     latent = cfg.data.resolution // vae_info.downsample
     flops = 3 * unet_flops_per_image(unet_kwargs(cfg.model.unet, text_info.hidden_size, latent,
@@ -192,16 +247,20 @@ def run_benchmark(cfg: Config, warmup: int = 3, windows: int = 5, window_steps: 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in BF16_PEAK.items() if k in name), None) if device.type == "cuda" else None
     report = {
-        "device": name, "threads": torch.get_num_threads(), "batch_size": cfg.train.batch_size,
+        "device": name, "threads": torch.get_num_threads(), "vae": cfg.model.vae.path,
+        "text_encoder": cfg.model.text_encoder.path, "allow_tf32": cfg.train.allow_tf32,
+        "batch_size": cfg.train.batch_size,
         "resolution": cfg.data.resolution, "mixed_precision": cfg.train.mixed_precision,
         "compile": cfg.train.compile, "channels_last": cfg.train.channels_last,
         "train_flops_per_image": flops,
-        "on_the_fly": vars(on_the_fly), "cached": vars(cached), "cache_build_seconds": cache_seconds,
-        "cache_speedup": cached.images_per_second / on_the_fly.images_per_second,
-        "inference": time_inference(cfg, frozen, device, inference_steps, inference_batch),
+        "on_the_fly": vars(on_the_fly) if on_the_fly else None, "cached": vars(cached),
+        "cache_build_seconds": cache_seconds,
+        "cache_speedup": cached.images_per_second / on_the_fly.images_per_second if on_the_fly else None,
+        "inference": None if cached_only else time_inference(cfg, frozen, device, inference_steps, inference_batch),
     }
     for key in ("on_the_fly", "cached"):
-        report[key]["mfu"] = report[key]["images_per_second"] * flops / peak if peak else None
+        if report[key] is not None:
+            report[key]["mfu"] = report[key]["images_per_second"] * flops / peak if peak else None
     return report
 
 
@@ -209,7 +268,6 @@ def format_report(r: dict) -> str:
     def mfu(x: Optional[float]) -> str:
         return f"{100 * x:.1f} %" if x is not None else "n/a (CPU or unknown GPU)"
 
-    inf = r["inference"]
     rows = [
         f"device {r['device']} ({r['threads']} threads), batch {r['batch_size']}, {r['resolution']} px, "
         f"precision {r['mixed_precision']}, compile {r['compile']}, channels-last {r['channels_last']}, "
@@ -219,13 +277,17 @@ def format_report(r: dict) -> str:
     ]
     for label, key in (("on the fly (decode + VAE + text encoder)", "on_the_fly"), ("from the cache", "cached")):
         x = r[key]
+        if x is None:
+            continue
         rows.append(f"| {label} | {x['images_per_second']:.1f} | {x['seconds_per_step']:.3f} | "
                     f"{x['peak_mib']:.0f} MiB | {mfu(x['mfu'])} |")
-    rows += [
-        f"cache speed-up: {r['cache_speedup']:.2f}× (cache built in {r['cache_build_seconds']:.1f} s)",
-        f"inference ({inf['num_inference_steps']} steps, batch {inf['batch']}, guidance {inf['guidance_scale']}): "
-        f"{inf['seconds_per_step'] * 1e3:.1f} ms/step, UNet {inf['seconds_per_unet_call'] * 1e3:.1f} ms/call, "
-        f"overhead outside the UNet {100 * inf['overhead_outside_unet']:.1f} % of a step, "
-        f"{inf['seconds_per_image_end_to_end']:.3f} s/image end to end",
-    ]
+    if r["cache_speedup"] is not None:
+        rows.append(f"cache speed-up: {r['cache_speedup']:.2f}× (cache built in {r['cache_build_seconds']:.1f} s)")
+    inf = r["inference"]
+    if inf is not None:
+        rows.append(
+            f"inference ({inf['num_inference_steps']} steps, batch {inf['batch']}, guidance {inf['guidance_scale']}): "
+            f"{inf['seconds_per_step'] * 1e3:.1f} ms/step, UNet {inf['seconds_per_unet_call'] * 1e3:.1f} ms/call, "
+            f"overhead outside the UNet {100 * inf['overhead_outside_unet']:.1f} % of a step, "
+            f"{inf['seconds_per_image_end_to_end']:.3f} s/image end to end")
     return "\n".join(rows)

@@ -320,6 +320,10 @@ class FrozenEncoders:
         self.cfg, self.device = cfg, device
         self._vae = self._text = None
 
+    def release(self) -> None:
+        """Drop both encoders (their memory comes back); they load again if asked for."""
+        self._vae = self._text = None
+
     @property
     def loaded(self) -> dict[str, bool]:
         return {"vae": self._vae is not None, "text_encoder": self._text is not None}

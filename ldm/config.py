@@ -137,6 +137,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "xformers"] = "sdpa"
+    allow_tf32: bool = True  # TF32 tensor cores for fp32 matmuls/convolutions on Ampere+ GPUs (no effect on CPU)
     channels_last: bool = False  # NHWC UNet activations: faster convolutions on recent GPUs
     compile: bool = False  # torch.compile the UNet (slow first steps, faster after)
     snr_gamma: Optional[float] = None  # min-SNR-γ loss weighting (Hang et al. 2023); 5.0 is typical
@@ -228,6 +229,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, inner[0], key)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if value is False and "no" in choices:  # YAML 1.1 reads a bare `no` as false
+            value = "no"
         if value not in choices:
             raise ConfigError(
                 f"config key '{key}': {value!r} is not valid; choose one of {', '.join(map(repr, choices))}"

@@ -59,6 +59,12 @@ from ldm.sources import open_audited
 from ldm.pipeline import assemble_pipeline, generate
 
 
+def set_tf32(allow: bool) -> None:
+    """TF32 for fp32 matrix products and convolutions (Ampere and newer; 10-bit mantissa, fp32 range)."""
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+
+
 def train_step(unet, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor, noise: torch.Tensor,
                timesteps: torch.Tensor, prediction_type: str, snr_gamma: Optional[float]) -> torch.Tensor:
     """Loss of one micro-batch: noise the latents to t, predict, MSE against ε (or v), min-SNR weights."""
@@ -197,6 +203,7 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     device, main = accelerator.device, accelerator.is_main_process
+    set_tf32(t.allow_tf32)
     if main:
         save_config(cfg, out / "config.yaml")
         if t.report_to != "none":

@@ -3,7 +3,10 @@
     python scripts/benchmark.py --config configs/quickstart.yaml --imagefolder 512 --image-size 64
 writes outputs/benchmark/report.json and prints a table. --imagefolder N trains from N shapes PNGs of
 --image-size px (default: the training resolution) written to outputs/benchmark/imagefolder; a
-missing VAE folder is replaced by the untrained stage-1 architecture (same cost).
+missing VAE folder is replaced by the untrained stage-1 architecture (same cost). --stand-ins replaces the
+SD recipe's Hub components (SD VAE, CLIP text encoders) by random weights of the same architecture, for
+machines that cannot download them:
+    python scripts/benchmark.py --config configs/sd15-512.yaml --stand-ins data.dataset=shapes
 """
 
 import json
@@ -11,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from ldm.autoencoder import save_untrained_autoencoder
-from ldm.benchmark import format_report, run_benchmark
+from ldm.benchmark import format_report, run_benchmark, save_stand_ins
 from ldm.config import argument_parser, load_config
 from ldm.shapes import write_imagefolder
 
@@ -22,11 +25,16 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=0, help="side of those PNGs (default: data.resolution)")
     p.add_argument("--windows", type=int, default=5), p.add_argument("--window-steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=3), p.add_argument("--out", default="outputs/benchmark")
+    p.add_argument("--stand-ins", action="store_true", help="random-weight SD VAE / CLIP of the real architecture")
+    p.add_argument("--cached-only", action="store_true", help="skip the on-the-fly baseline and inference")
     a = p.parse_args()
     out = Path(a.out)
     shutil.rmtree(out / "cache", ignore_errors=True)  # the cache build is part of what is measured
     overrides = list(a.overrides) + [f"data.cache_dir={out / 'cache'}", "data.cache=false"]
     cfg = load_config(a.config, overrides)
+    if a.stand_ins:
+        overrides += save_stand_ins(cfg, out / "stand_ins")
+        cfg = load_config(a.config, overrides)
     if a.imagefolder:
         folder = out / "imagefolder"
         shutil.rmtree(folder, ignore_errors=True)
@@ -36,7 +44,7 @@ def main() -> None:
         vae = save_untrained_autoencoder(cfg, out / "vae")
         print(f"{cfg.model.vae.path} not found: using the untrained stage-1 architecture ({vae})")
         cfg = load_config(a.config, overrides + ([f"data.dataset={cfg.data.dataset}"]) + [f"model.vae.path={vae}"])
-    report = run_benchmark(cfg, a.warmup, a.windows, a.window_steps)
+    report = run_benchmark(cfg, a.warmup, a.windows, a.window_steps, cached_only=a.cached_only)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(format_report(report))
 

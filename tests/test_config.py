@@ -58,6 +58,7 @@ def test_override_values_parse_as_yaml():
     assert load_config(None, ["train.lr=1e-4"]).train.lr == pytest.approx(1e-4)  # YAML 1.1 reads a string
     assert load_config(None, ["sample.prompts=['1e-4']"]).sample.prompts == ["1e-4"]  # strings stay strings
     assert parse_override("train.snr_gamma=null") == ("train.snr_gamma", None)
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"  # not YAML's false
     assert parse_override("model.unet.block_out_channels=[1,2]") == ("model.unet.block_out_channels", [1, 2])
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_override("train.lr")
