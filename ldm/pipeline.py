@@ -60,9 +60,13 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, sampler: st
     )
 
 
-def load_pipeline(path: str, device: Union[str, torch.device] = "cpu",
+def load_pipeline(path: str | Path, device: Union[str, torch.device] = "cpu",
                   dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """An exported pipeline from a folder or a Hub id (safetensors only)."""
+    """An exported pipeline from a folder, a Hub id or one LDM-layout `.safetensors` file (safetensors only)."""
+    if str(path).endswith(".safetensors"):
+        from ldm.single_file import load_single_file
+
+        return load_single_file(path, torch_dtype=dtype).to(device)
     pipe = _load("pipeline", str(path), lambda: StableDiffusionPipeline.from_pretrained(
         str(path), torch_dtype=dtype, use_safetensors=True, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False))
