@@ -174,6 +174,39 @@ def check_components(cfg: Config) -> tuple[VAEInfo, TextEncoderInfo]:
     return vae, text
 
 
+def apply_pretrained(cfg: Config) -> None:
+    """Point every component at the pipeline named by `model.pretrained` and copy its UNet architecture
+    and noise schedule into the config (so checks, FLOP counts and the dry run describe what trains)."""
+    src = cfg.model.pretrained
+    assert src is not None
+    unet = _read_json_config(src, "unet", "config.json")
+    if unet is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        where = (f"folder {src!r} has no unet/config.json (is it a pipeline folder?)" if _is_local(src) else
+                 f"Hub id {src!r} is not in the local Hugging Face cache"
+                 f"{' and HF_HUB_OFFLINE=1 forbids downloading it' if offline else ''}; download it once with "
+                 f"`hf download {src}` (or `huggingface-cli download {src}`), or give a local folder")
+        raise ConfigError(f"config key 'model.pretrained': {where}")
+    m = cfg.model
+    m.vae.path, m.vae.subfolder = src, "vae"
+    m.text_encoder.path, m.text_encoder.subfolder, m.text_encoder.tokenizer_subfolder = src, "text_encoder", "tokenizer"
+    m.unet.path, m.unet.subfolder = src, "unet"
+    u = m.unet
+    u.block_out_channels = list(unet["block_out_channels"])
+    u.cross_attention = [t.startswith("CrossAttn") for t in unet["down_block_types"]]
+    u.layers_per_block = unet["layers_per_block"] if isinstance(unet["layers_per_block"], int) else \
+        unet["layers_per_block"][0]
+    if isinstance(unet.get("attention_head_dim"), int):
+        u.attention_head_dim = unet["attention_head_dim"]
+    u.norm_num_groups = unet.get("norm_num_groups", u.norm_num_groups)
+    u.cross_attention_dim = None
+    schedule = _read_json_config(src, "scheduler", "scheduler_config.json") or {}
+    for key in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
+                "rescale_betas_zero_snr"):
+        if key in schedule:
+            setattr(m.scheduler, key, schedule[key])
+
+
 # --------------------------------------------------------------------------------------------
 # Loading and building
 # --------------------------------------------------------------------------------------------

@@ -73,6 +73,9 @@ class SchedulerConfig:
 
 @dataclass
 class ModelConfig:
+    # Fine-tune an exported pipeline (a folder or Hub id in the Stable-Diffusion layout): its UNet, VAE,
+    # text encoder and noise schedule replace the sections below (the UNet's architecture included).
+    pretrained: Optional[str] = None
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -188,12 +191,25 @@ class AutoencoderConfig:
 
 
 @dataclass
+class HubConfig:
+    """Publishing to the Hugging Face Hub (token from HF_TOKEN or `hf auth login`, never from the config)."""
+
+    repo_id: Optional[str] = None  # "user/name": publish the exported pipeline at the end of training
+    private: bool = True
+    push_checkpoints: bool = False  # also publish the weights at each checkpoint, in the background
+    license: str = "other"  # the model card's license id (set it to what your data allows)
+    tags: list[str] = field(default_factory=list)
+    retries: int = 5  # attempts per upload, with exponential back-off
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +326,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     cfg = _build(Config, tree)
+    if cfg.model.pretrained is not None:
+        from ldm.components import apply_pretrained  # reads the pipeline's config files
+
+        apply_pretrained(cfg)
     check_config(cfg)
     return cfg
 
@@ -395,6 +415,11 @@ def check_config(cfg: Config) -> None:
     _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
     _require(m.text_encoder.max_length is None or m.text_encoder.max_length > 1,
              "model.text_encoder.max_length", "must be > 1 or null")
+    h = cfg.hub
+    _require(h.repo_id is None or (h.repo_id.count("/") == 1 and all(h.repo_id.split("/"))), "hub.repo_id",
+             f"{h.repo_id!r} must look like 'user-or-org/model-name'")
+    _require(h.retries >= 1, "hub.retries", "must be ≥ 1")
+    _require(not h.push_checkpoints or h.repo_id is not None, "hub.push_checkpoints", "needs hub.repo_id")
     _require(m.vae.path is not None, "model.vae.path",
              "a latent model needs a VAE: a Hub id, a folder, or the output of scripts/train_autoencoder.py")
     if d.cache:

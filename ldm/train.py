@@ -54,6 +54,7 @@ from ldm.config import Config, ConfigError, save_config
 from ldm.data import SampleStream, StreamBatches
 from ldm.diffusion import SampleDraws, diffusion_loss, draw_samples, min_snr_weights, snr, training_target
 from ldm.evaluation import encode_images, validation_loss
+from ldm.hub import BackgroundPublisher, publish, write_model_card
 from ldm.images import make_grid, save_png
 from ldm.sources import open_audited
 from ldm.pipeline import assemble_pipeline, generate
@@ -189,6 +190,17 @@ def validate(cfg: Config, step: int, frozen: FrozenEncoders, unet, scheduler, ou
     return path
 
 
+def _push_checkpoint(publisher: BackgroundPublisher, cfg: Config, step: int, frozen: FrozenEncoders, base, ema,
+                     scheduler, staging: Path) -> None:
+    """Export the weights of this checkpoint (EMA if on) to a staging folder and upload it in the background."""
+    with ema_weights(base, ema if cfg.train.ema_for_export else None):
+        tokenizer, text_encoder = frozen.text
+        export_pipeline(staging, frozen.vae.to(torch.float32), text_encoder, tokenizer, base, scheduler, cfg)
+    base.train()
+    write_model_card(staging, cfg)
+    publisher.submit(staging, f"ldm: checkpoint at step {step}")
+
+
 def train(cfg: Config, show_progress: bool = True) -> Path:
     """Train the UNet as configured; returns the exported pipeline folder."""
     t = cfg.train
@@ -284,6 +296,8 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
                     cfg.data.resolution // vae_info.downsample)
     global_batch = t.batch_size * accelerator.num_processes * k_accum
     running, window_start, window_steps, bad_streak = torch.zeros((), device=device), time.time(), 0, 0
+    publisher = BackgroundPublisher(cfg.hub.repo_id, cfg.hub.private, cfg.hub.retries, accelerator.print) \
+        if cfg.hub.push_checkpoints else None
     bar = tqdm(total=t.max_steps, initial=step, desc="stage 2 (UNet)", disable=not (show_progress and main))
     unet.train()
     for batch in iterate_batches(stream, sampler, encoded, cfg.data.num_workers, device.type == "cuda"):
@@ -337,6 +351,8 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
         if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.max_steps):
             save_training_state(ckpt_root, step, step * k_accum, base, ema, optimizer, lr_schedule, accelerator,
                                 cfg, t.checkpoints_total_limit)
+            if publisher is not None and main and step < t.max_steps and not publisher.busy:
+                _push_checkpoint(publisher, cfg, step, frozen, base, ema, scheduler, out / "hub_staging")
         if t.validate_every and step % t.validate_every == 0 and step < t.max_steps and main:
             with ema_weights(base, ema if t.ema_for_export else None):
                 validate(cfg, step, frozen, base, scheduler, out, accelerator)
@@ -354,6 +370,13 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
             if t.validate_every:
                 validate(cfg, step, frozen, base, scheduler, out, accelerator)
             _log_validation_loss(cfg, step, stream, val_set, frozen, base, scheduler, out, accelerator)
+        grids = sorted((out / "validation").glob("step_*.png"))
+        write_model_card(folder, cfg, images=tuple(grids[-1:]))
+        if publisher is not None:
+            publisher.wait()
+        if cfg.hub.repo_id is not None:  # a failed upload is logged; the run and its files stand
+            publish(folder, cfg.hub.repo_id, cfg.hub.private, cfg.hub.retries,
+                    commit_message=f"ldm: step {step}", log=accelerator.print)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return folder

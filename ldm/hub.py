@@ -1,0 +1,256 @@
+"""The Hugging Face Hub: a model card for an exported pipeline, and uploads that cannot hurt a run.
+
+What is uploaded is an explicit allow-list (pipeline weights and configs, the card, images, a
+single-file checkpoint): training state (optimizer, RNG, scheduler state) can never leave the
+machine, whatever else lies in the folder. Uploads retry with exponential back-off; a failure is
+reported and returned, never raised into the training loop. The token comes only from the
+environment (HF_TOKEN) or `hf auth login`, through huggingface_hub itself: ldm never reads, stores
+or prints it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from safetensors import safe_open
+
+from ldm.config import Config
+
+# Paths relative to the pipeline folder; `*` never crosses a `/`.
+ALLOW_PATTERNS = (
+    "model_index.json", "README.md", "ldm_config.yaml", "*.safetensors",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json", "text_encoder/*.safetensors", "text_encoder/model.safetensors.index.json",
+    "tokenizer/*.json", "tokenizer/*.txt", "tokenizer/*.model",
+    "scheduler/scheduler_config.json",
+    "images/*.png", "images/*.jpg",
+)
+_TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
+
+
+def _allowed(path: str) -> bool:
+    parts = path.split("/")
+    return any(len(p := pattern.split("/")) == len(parts) and all(map(fnmatch.fnmatchcase, parts, p))
+               for pattern in ALLOW_PATTERNS)
+
+
+def upload_plan(folder: str | Path) -> tuple[list[str], list[str]]:
+    """(files that would be uploaded, files refused), as sorted paths relative to `folder`."""
+    folder = Path(folder)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return [f for f in files if _allowed(f)], [f for f in files if not _allowed(f)]
+
+
+# --------------------------------------------------------------------------------------------
+# Model card
+# --------------------------------------------------------------------------------------------
+
+
+def count_parameters(weights: Path) -> int:
+    """Parameters in a safetensors file, read from its header (nothing loaded)."""
+    total = 0
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            n = 1
+            for d in f.get_slice(key).get_shape():
+                n *= d
+            total += n
+    return total
+
+
+def _params(folder: Path, sub: str) -> int:
+    return sum(count_parameters(p) for p in sorted((folder / sub).glob("*.safetensors")))
+
+
+def _is_hub_id(name: Optional[str]) -> bool:
+    return bool(name) and name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
+
+
+def _evaluation_rows(evaluation: dict) -> list[str]:
+    """Rows of `| split | metric | value |` from {"scores": {...}} or {split: {metric: value}}."""
+    if "scores" in evaluation:
+        evaluation = {"all": evaluation["scores"]}
+    rows = []
+    for split, scores in evaluation.items():
+        if not isinstance(scores, dict):
+            continue
+        for metric, value in scores.items():
+            if isinstance(value, float):
+                rows.append(f"| {split.replace('_', ' ')} | {metric} | {100 * value:.1f} % |")
+            elif isinstance(value, int):
+                rows.append(f"| {split.replace('_', ' ')} | {metric} | {value} |")
+    return rows
+
+
+def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
+               evaluation: Optional[dict] = None):
+    """A `huggingface_hub.ModelCard` for the pipeline in `folder` trained with `cfg`."""
+    import json
+
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = Path(folder)
+    unet, vae = (json.loads((folder / sub / "config.json").read_text()) for sub in ("unet", "vae"))
+    text = json.loads((folder / "text_encoder" / "config.json").read_text())
+    name = repo_id or cfg.hub.repo_id or folder.name
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    resolution = unet["sample_size"] * factor
+    base = cfg.model.pretrained
+    data = ModelCardData(
+        library_name="diffusers", pipeline_tag="text-to-image", license=cfg.hub.license,
+        tags=["ldm", "text-to-image", "diffusers", "latent-diffusion", *cfg.hub.tags],
+        base_model=base if _is_hub_id(base) else None,
+        datasets=[cfg.data.dataset] if _is_hub_id(cfg.data.dataset) else None,
+    )
+    t, s = cfg.train, cfg.sample
+    attends = [str(i) for i, kind in enumerate(unet["down_block_types"]) if kind.startswith("CrossAttn")]
+    prompt = s.prompts[0].replace('"', "'") if s.prompts else "a photograph"
+    lines = [
+        f"# {name.split('/')[-1]}", "",
+        f"A text-to-image latent diffusion model ({resolution}×{resolution} px) trained with ldm, "
+        f"a latent-diffusion trainer built on Diffusers"
+        + (f", fine-tuned from `{base}`." if base else ", from scratch."), "",
+        "## Use", "", "```python", "from diffusers import DiffusionPipeline", "",
+        f'pipe = DiffusionPipeline.from_pretrained("{name}")',
+        f'image = pipe("{prompt}", num_inference_steps={s.num_inference_steps}, '
+        f"guidance_scale={s.guidance_scale}).images[0]",
+        'image.save("sample.png")', "```", "",
+        "## Model", "",
+        "| component | architecture | parameters |", "| --- | --- | --- |",
+        f"| UNet | `UNet2DConditionModel`, channels {list(unet['block_out_channels'])}, "
+        f"layers_per_block {unet['layers_per_block']}, cross-attention at levels {', '.join(attends) or 'none'} | "
+        f"{_params(folder, 'unet'):,} |",
+        f"| VAE | `AutoencoderKL`, downsampling ×{factor}, {vae['latent_channels']} latent channels, "
+        f"scaling factor {vae.get('scaling_factor')} | {_params(folder, 'vae'):,} |",
+        f"| text encoder | `{(text.get('architectures') or [text.get('model_type')])[0]}`, width "
+        f"{text.get('hidden_size')} | {_params(folder, 'text_encoder'):,} |", "",
+        f"Noise schedule: {cfg.model.scheduler.beta_schedule}, T = {cfg.model.scheduler.num_train_timesteps}, "
+        f"{cfg.model.scheduler.prediction_type} prediction. Default sampler: {s.sampler}.", "",
+        "## Training", "",
+        f"- data: `{cfg.data.dataset}` at {cfg.data.resolution} px, caption dropout {cfg.data.caption_dropout}",
+        f"- {t.max_steps} optimizer steps, batch {t.batch_size} per process × {t.gradient_accumulation_steps} "
+        f"accumulation, AdamW lr {t.lr} ({t.lr_scheduler}, {t.lr_warmup_steps} warm-up steps)",
+        f"- precision {t.mixed_precision}; EMA {t.ema_decay if t.ema_decay is not None else 'off'}; "
+        f"min-SNR γ {t.snr_gamma if t.snr_gamma is not None else 'off'}; seed {t.seed}",
+        "- the full resolved configuration is `ldm_config.yaml` in this repository", "",
+    ]
+    images = sorted((folder / "images").glob("*.png")) if (folder / "images").is_dir() else []
+    if images:
+        lines += ["## Samples", ""] + [f"![{p.stem}](images/{p.name})" for p in images] + [""]
+    rows = _evaluation_rows(evaluation or {})
+    if rows:
+        lines += ["## Evaluation", "", "| split | metric | value |", "| --- | --- | --- |", *rows, ""]
+    singles = sorted(p.name for p in folder.glob("*.safetensors"))
+    if singles:
+        lines += ["## Single-file checkpoint", "",
+                  f"`{singles[0]}` holds the same weights in the original Stable-Diffusion key layout "
+                  "(for AUTOMATIC1111, ComfyUI or `from_single_file`).", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def write_model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
+                     evaluation: Optional[dict] = None, images: tuple[Path, ...] = ()) -> Path:
+    """Copy `images` into folder/images and write folder/README.md."""
+    folder = Path(folder)
+    for image in images:
+        (folder / "images").mkdir(exist_ok=True)
+        (folder / "images" / Path(image).name).write_bytes(Path(image).read_bytes())
+    path = folder / "README.md"
+    model_card(folder, cfg, repo_id, evaluation).save(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Upload
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PublishResult:
+    ok: bool
+    attempts: int
+    files: list[str]
+    refused: list[str]
+    url: Optional[str] = None
+    error: Optional[str] = None
+
+
+def _retryable(err: Exception) -> bool:
+    """Network trouble and server errors are worth another try; a refused token or a bad id is not."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status is not None:
+        return status == 429 or status >= 500
+    return isinstance(err, (OSError, TimeoutError, ConnectionError)) or "Timeout" in type(err).__name__ \
+        or "Connect" in type(err).__name__
+
+
+def _describe_error(err: Exception) -> str:
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    hint = " (not logged in? set HF_TOKEN or run `hf auth login`)" if status in (401, 403) else ""
+    return _TOKEN.sub("hf_***", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]) + hint
+
+
+def publish(folder: str | Path, repo_id: str, private: bool = True, retries: int = 5, backoff: float = 2.0,
+            commit_message: str = "Upload pipeline with ldm", api=None,
+            sleep: Optional[Callable[[float], None]] = None, log: Callable[[str], None] = print) -> PublishResult:
+    """create_repo + upload_folder of the allow-listed files, retried; returns what happened, never raises."""
+    files, refused = upload_plan(folder)
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()  # token: HF_TOKEN or the saved login, resolved by huggingface_hub
+    error, repo = None, None
+    for attempt in range(1, retries + 1):
+        try:
+            if repo is None:  # once created, only the upload is retried
+                repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", allow_patterns=files,
+                              commit_message=commit_message)
+            log(f"published {len(files)} files to {repo}")
+            return PublishResult(True, attempt, files, refused, url=str(repo))
+        except Exception as err:  # any failure is reported, never raised into training
+            error = _describe_error(err)
+            if not _retryable(err) or attempt == retries:
+                break
+            delay = backoff * 2 ** (attempt - 1)
+            log(f"upload to {repo_id} failed (attempt {attempt}/{retries}: {error}); retrying in {delay:.0f} s")
+            (sleep or time.sleep)(delay)
+    log(f"upload to {repo_id} failed after {attempt} attempt(s): {error}; the local files are intact, "
+        f"publish them later with `python scripts/publish.py --model {folder} --repo-id {repo_id}`")
+    return PublishResult(False, attempt, files, refused, error=error)
+
+
+@dataclass
+class BackgroundPublisher:
+    """One upload at a time in a thread, so checkpoints keep coming while the last one uploads."""
+
+    repo_id: str
+    private: bool = True
+    retries: int = 5
+    log: Callable[[str], None] = print
+    results: list[PublishResult] = field(default_factory=list)
+    _thread: Optional[threading.Thread] = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, folder: Path, message: str) -> bool:
+        if self.busy:
+            self.log(f"hub: the previous upload is still running; skipping '{message}'")
+            return False
+        self._thread = threading.Thread(target=lambda: self.results.append(publish(
+            folder, self.repo_id, self.private, self.retries, commit_message=message, log=self.log)), daemon=True)
+        self._thread.start()
+        return True
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
