@@ -4,6 +4,7 @@ Layout under `data.cache_dir`:
 
     latents-<fp>/shard-r<rank>-<n>.safetensors   mean, std (n, C, h, w) × scaling_factor; keys in metadata
     text-<fp>/shard-r<rank>-<n>.safetensors      prompt_embeds (n, L, D); keys in metadata
+    sketch-<fp>/shard-r<rank>-<n>.safetensors    sketch (n, 1, H, W) uint8 edges, for a ControlNet run
 
 The folder fingerprint `<fp>` covers everything that changes the result besides the item itself:
 for latents the VAE's weights, dtype and scaling factor, the resolution and the crop; for text the
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from ldm.components import encode_prompts, latent_distribution
 from ldm.data import SampleStream, flip_decision, prepare_image
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U8": np.uint8}
 
 
 def sha256(data: bytes) -> str:
@@ -103,13 +104,24 @@ class EncodedDataset:
     empty_key: str
     flip: bool
     seed: int
+    sketch_store: ShardStore | None = None
 
     def __len__(self) -> int:
         return len(self.caption_keys)
 
+    def _keys(self, indices: list[int], positions: list[int]) -> list[str]:
+        """Each item's key, in the flip variant the stream draws for its position."""
+        return [self.latent_keys[i][int(self.flip and flip_decision(self.seed, p))] for i, p in zip(indices, positions)]
+
+    def sketches(self, indices: list[int], positions: list[int]) -> torch.Tensor:
+        """(B, 3, H, W) in {0, 1}."""
+        assert self.sketch_store is not None, "the cache was built without sketches"
+        s = self.sketch_store.get("sketch", self._keys(indices, positions)).float()
+        return s.expand(-1, 3, -1, -1).contiguous()
+
     def latents(self, indices: list[int], positions: list[int], eps: torch.Tensor) -> torch.Tensor:
         """A fresh sample z = mean + std · eps per item (B, C, h, w); the flip variant as drawn on the fly."""
-        keys = [self.latent_keys[i][int(self.flip and flip_decision(self.seed, p))] for i, p in zip(indices, positions)]
+        keys = self._keys(indices, positions)
         return self.latents_store.get("mean", keys) + self.latents_store.get("std", keys) * eps
 
     def embeds(self, indices: list[int], drop: torch.Tensor) -> torch.Tensor:
@@ -118,10 +130,34 @@ class EncodedDataset:
         return self.text_store.get("prompt_embeds", keys)
 
 
+def _build_sketches(stream: SampleStream, folder: Path, latent_keys: list[list[str]], variants: tuple,
+                    threshold: float, rank: int, world_size: int, batch_size: int, shard_size: int) -> None:
+    """Sketches (edges of the prepared picture, one per flip variant) for this rank's missing items."""
+    from ldm.conditions import sketch_from_pixels
+
+    have = ShardStore(folder)
+    mine = [(i, v) for i in range(rank, stream.size, world_size) for v, _ in enumerate(variants)
+            if latent_keys[i][v] not in have]
+    keys: list[str] = []
+    sketches = []
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        images = torch.stack([prepare_image(stream.source.get(i)[0], stream.cfg, flip=variants[v]) for i, v in chunk])
+        sketches.append(sketch_from_pixels(images, threshold)[:, :1].to(torch.uint8))  # (n, 1, H, W) in {0, 1}
+        keys += [latent_keys[i][v] for i, v in chunk]
+        if len(keys) >= shard_size or start + batch_size >= len(mine):
+            _write_shard(folder, rank, keys, {"sketch": torch.cat(sketches)})
+            keys, sketches = [], []
+
+
+def sketch_fingerprint(cfg, threshold: float) -> str:
+    return sha256(json.dumps(["sketch-v1", cfg.resolution, cfg.center_crop, threshold]).encode())
+
+
 def build_cache(stream: SampleStream, cache_dir: str | Path, get_vae: Callable, get_text: Callable,
                 vae_fingerprint: str, text_fingerprint: str, rank: int = 0, world_size: int = 1,
                 barrier: Callable[[], None] = lambda: None, batch_size: int = 64, shard_size: int = 4096,
-                show_progress: bool = True) -> EncodedDataset:
+                show_progress: bool = True, sketch_threshold: float | None = None) -> EncodedDataset:
     """Encode what the cache lacks (this rank's share), then return the training view.
 
     `get_vae()` / `get_text()` load the frozen encoders on first call, so nothing is loaded when the
@@ -169,6 +205,13 @@ def build_cache(stream: SampleStream, cache_dir: str | Path, get_vae: Callable, 
             embeds = torch.cat([encode_prompts(tokenizer, text_encoder, part[j:j + batch_size]).cpu()
                                 for j in range(0, len(part), batch_size)])
             _write_shard(text_dir, rank, [caption_key[c] for c in part], {"prompt_embeds": embeds})
+    # 3. Sketches for a ControlNet, keyed like the latents (they depend on the prepared picture only).
+    sketch_dir = None
+    if sketch_threshold is not None:
+        sketch_dir = root / f"sketch-{sketch_fingerprint(cfg, sketch_threshold)[:16]}"
+        _build_sketches(stream, sketch_dir, latent_keys, variants, sketch_threshold, rank, world_size,
+                        batch_size, shard_size)
     barrier()
     return EncodedDataset(ShardStore(latent_dir), ShardStore(text_dir), latent_keys,
-                          [caption_key[c] for c in captions], caption_key[""], cfg.random_flip, stream.seed)
+                          [caption_key[c] for c in captions], caption_key[""], cfg.random_flip, stream.seed,
+                          ShardStore(sketch_dir) if sketch_dir is not None else None)

@@ -3,7 +3,7 @@
 A checkpoint is a folder `checkpoints/step_NNNNNN/` holding only safetensors and JSON (nothing is
 ever unpickled on resume):
 
-    unet.safetensors          training weights (fp32)
+    unet.safetensors          training weights (fp32; controlnet.safetensors in a sketch run)
     ema.safetensors           EMA shadow weights by parameter name, when EMA is on
     optimizer.safetensors     AdamW moments and step counts; param groups in state.json
     rng_rank{r}.safetensors   torch / CUDA / NumPy generator states of process r (Python's in state.json)
@@ -128,6 +128,11 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def weights_name(module) -> str:
+    """The trained module's file in a checkpoint: unet.safetensors, or controlnet.safetensors."""
+    return "controlnet.safetensors" if type(module).__name__ == "ControlNetModel" else "unet.safetensors"
+
+
 @dataclass
 class TrainingState:
     """What the loop needs back after a resume."""
@@ -160,7 +165,7 @@ def save_training_state(root: str | Path, step: int, micro_step: int, unet, ema,
     _fsync_file(tmp / f"rng_rank{accelerator.process_index}.json")
     accelerator.wait_for_everyone()
     if main:
-        _save_tensors(dict(base.state_dict()), tmp / "unet.safetensors")
+        _save_tensors(dict(base.state_dict()), tmp / weights_name(base))
         ema_meta = None
         if ema is not None:
             # Keyed by parameter name: the file loads straight into a UNet with load_state_dict(strict=False).
@@ -235,7 +240,7 @@ def find_resume_folder(resume: str, root: str | Path) -> Optional[Path]:
 def load_training_state(folder: Path, unet, ema, optimizer, lr_schedule, accelerator) -> TrainingState:
     state = json.loads((folder / "state.json").read_text())
     base = unet  # the bare module
-    base.load_state_dict(load_file(str(folder / "unet.safetensors"), device=str(accelerator.device)))
+    base.load_state_dict(load_file(str(folder / weights_name(base)), device=str(accelerator.device)))
     if ema is not None:
         if not (folder / "ema.safetensors").is_file():
             raise ValueError(f"{folder} was saved without EMA but train.ema_decay is set; set train.ema_decay=null "
@@ -261,7 +266,8 @@ def load_training_state(folder: Path, unet, ema, optimizer, lr_schedule, acceler
 # --------------------------------------------------------------------------------------------
 
 
-def export_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet, scheduler, cfg: Config) -> Path:
+def export_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet, scheduler, cfg: Config,
+                    controlnet=None) -> Path:
     """Write a StableDiffusionPipeline folder that `DiffusionPipeline.from_pretrained` loads.
 
     Written to a temporary sibling and renamed into place, so a crash never leaves a half pipeline
@@ -271,7 +277,8 @@ def export_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet, sche
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, sampler=cfg.sample.sampler)
+    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, sampler=cfg.sample.sampler,
+                             controlnet=controlnet)
     pipe.save_pretrained(tmp, safe_serialization=True)
     save_config(cfg, tmp / "ldm_config.yaml")
     if folder.exists():

@@ -191,6 +191,24 @@ class AutoencoderConfig:
 
 
 @dataclass
+class SketchConfig:
+    """A sketch (edges of the training picture) through a ControlNet trained on a frozen text-to-image model."""
+
+    threshold: float = 0.1  # edge threshold (a Sobel step, in units of the full colour range)
+    dropout: float = 0.1  # probability of training without the sketch (independent of the caption's)
+    conditioning_scale: float = 1.0  # the ControlNet residual scale in validation and the export's default
+
+
+@dataclass
+class ConditioningConfig:
+    """Which condition the run trains besides text: `text` alone (the UNet), or `sketch` (a ControlNet
+    on the frozen UNet of model.pretrained)."""
+
+    type: Literal["text", "sketch"] = "text"
+    sketch: SketchConfig = field(default_factory=SketchConfig)
+
+
+@dataclass
 class HubConfig:
     """Publishing to the Hugging Face Hub (token from HF_TOKEN or `hf auth login`, never from the config)."""
 
@@ -210,6 +228,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,6 +434,11 @@ def check_config(cfg: Config) -> None:
     _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
     _require(m.text_encoder.max_length is None or m.text_encoder.max_length > 1,
              "model.text_encoder.max_length", "must be > 1 or null")
+    c = cfg.conditioning
+    _require(0.0 <= c.sketch.dropout < 1.0, "conditioning.sketch.dropout", "must be in [0, 1)")
+    _require(c.sketch.threshold > 0.0, "conditioning.sketch.threshold", "must be > 0")
+    _require(c.type != "sketch" or m.pretrained is not None or m.unet.path is not None, "conditioning.type",
+             "'sketch' trains a ControlNet on a trained text-to-image model: set model.pretrained to its pipeline")
     h = cfg.hub
     _require(h.repo_id is None or (h.repo_id.count("/") == 1 and all(h.repo_id.split("/"))), "hub.repo_id",
              f"{h.repo_id!r} must look like 'user-or-org/model-name'")

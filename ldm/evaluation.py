@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
@@ -18,8 +19,8 @@ from ldm.config import DataConfig
 from ldm.data import prepare_image
 from ldm.diffusion import training_target, validation_draws
 from ldm.images import make_grid, save_png
-from ldm.pipeline import generate
-from ldm.shapes import ShapeSpec, all_specs, read_image, score
+from ldm.pipeline import generate, load_pipeline
+from ldm.shapes import COLOURS, ShapeSpec, all_specs, read_image, render, score
 
 
 @dataclass
@@ -211,3 +212,44 @@ def validation_loss(unet, scheduler, latents: torch.Tensor, prompt_embeds: torch
     out = {f"t{int(k * width):03d}-{int((k + 1) * width) - 1:03d}": float(per_row[:, k].mean()) for k in range(buckets)}
     out["mean"] = float(per_row.mean())
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Image-to-image on the shapes world
+# --------------------------------------------------------------------------------------------
+
+
+def other_colour(colour: str) -> str:
+    """The next palette colour (a fixed, different colour to ask for)."""
+    names = list(COLOURS)
+    return names[(names.index(colour) + 1) % len(names)]
+
+
+def img2img_probe(model, strengths: Sequence[float] = (0.3, 0.8), seed: int = 0,
+                  specs: Optional[Sequence[ShapeSpec]] = None, sampler: str = "dpm++", num_inference_steps: int = 20,
+                  guidance_scale: float = 3.0, batch_size: int = 64) -> tuple[dict, list]:
+    """Each input is a rendered picture of a spec; the prompt asks for the same shape at the same place in
+    another colour. Per strength: how often the output keeps the input's shape and position, and how
+    often its colour is the prompt's. Returns (scores by strength, [(strength, images)])."""
+    pipe = model if not isinstance(model, (str, Path)) else load_pipeline(model)
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    specs = list(specs or all_specs())
+    rng = np.random.default_rng([seed, 7])
+    inputs = [render(s, resolution, rng) for s in specs]
+    targets = [ShapeSpec(other_colour(s.colour), s.shape, s.position) for s in specs]
+    scores, grids = {}, []
+    for strength in strengths:
+        results = generate(pipe, [t.caption for t in targets], guidance_scale=guidance_scale, sampler=sampler,
+                           num_inference_steps=num_inference_steps, seed=seed * 100_003, batch_size=batch_size,
+                           init_image=inputs, strength=strength)
+        readings = [read_image(r.image) for r in results]
+        n = len(readings)
+        scores[f"{strength:g}"] = {
+            "keeps_shape_and_position": sum(r.shape == s.shape and r.position == s.position
+                                            for r, s in zip(readings, specs)) / n,
+            "follows_prompt_colour": sum(r.colour == t.colour for r, t in zip(readings, targets)) / n,
+            "keeps_input_colour": sum(r.colour == s.colour for r, s in zip(readings, specs)) / n,
+            "n": n,
+        }
+        grids.append((strength, [r.image for r in results]))
+    return scores, [("input", inputs)] + grids

@@ -27,6 +27,7 @@ ALLOW_PATTERNS = (
     "model_index.json", "README.md", "ldm_config.yaml", "*.safetensors",
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
     "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    "controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors",
     "text_encoder/config.json", "text_encoder/*.safetensors", "text_encoder/model.safetensors.index.json",
     "tokenizer/*.json", "tokenizer/*.txt", "tokenizer/*.model",
     "scheduler/scheduler_config.json",
@@ -105,7 +106,8 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
     base = cfg.model.pretrained
     data = ModelCardData(
         library_name="diffusers", pipeline_tag="text-to-image", license=cfg.hub.license,
-        tags=["ldm", "text-to-image", "diffusers", "latent-diffusion", *cfg.hub.tags],
+        tags=["ldm", "text-to-image", "diffusers", "latent-diffusion",
+              *(["controlnet"] if (folder / "controlnet").is_dir() else []), *cfg.hub.tags],
         base_model=base if _is_hub_id(base) else None,
         datasets=[cfg.data.dataset] if _is_hub_id(cfg.data.dataset) else None,
     )
@@ -130,7 +132,9 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
         f"| VAE | `AutoencoderKL`, downsampling ×{factor}, {vae['latent_channels']} latent channels, "
         f"scaling factor {vae.get('scaling_factor')} | {_params(folder, 'vae'):,} |",
         f"| text encoder | `{(text.get('architectures') or [text.get('model_type')])[0]}`, width "
-        f"{text.get('hidden_size')} | {_params(folder, 'text_encoder'):,} |", "",
+        f"{text.get('hidden_size')} | {_params(folder, 'text_encoder'):,} |",
+        *([f"| ControlNet | `ControlNetModel` (sketch: edges of the picture) | {_params(folder, 'controlnet'):,} |"]
+          if (folder / "controlnet").is_dir() else []), "",
         f"Noise schedule: {cfg.model.scheduler.beta_schedule}, T = {cfg.model.scheduler.num_train_timesteps}, "
         f"{cfg.model.scheduler.prediction_type} prediction. Default sampler: {s.sampler}.", "",
         "## Training", "",

@@ -11,6 +11,14 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 
+def to_pil(pixel_values) -> Image.Image:
+    """(3, H, W) in [-1, 1] → an RGB PIL image."""
+    import numpy as np
+
+    arr = ((pixel_values.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(arr), "RGB")
+
+
 def make_grid(images: Sequence[Image.Image], cols: Optional[int] = None, pad: int = 2,
               background=(255, 255, 255)) -> Image.Image:
     """Tile images (all the same size) row by row; `cols` defaults to a near-square layout."""

@@ -21,6 +21,9 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    DiffusionPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
@@ -51,13 +54,15 @@ def make_scheduler(name: str, config) -> object:
     return cls.from_config(config, **options)
 
 
-def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, sampler: str = "dpm++") -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline from in-memory components (no safety checker: we train our own models)."""
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=make_scheduler(sampler, scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, sampler: str = "dpm++", controlnet=None):
+    """A StableDiffusionPipeline (or, with a ControlNet, a StableDiffusionControlNetPipeline) from in-memory
+    components (no safety checker: we train our own models)."""
+    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                 scheduler=make_scheduler(sampler, scheduler.config), safety_checker=None,
+                 feature_extractor=None, requires_safety_checker=False)
+    if controlnet is not None:
+        return StableDiffusionControlNetPipeline(controlnet=controlnet, **parts)
+    return StableDiffusionPipeline(**parts)
 
 
 def load_pipeline(path: str | Path, device: Union[str, torch.device] = "cpu",
@@ -67,10 +72,19 @@ def load_pipeline(path: str | Path, device: Union[str, torch.device] = "cpu",
         from ldm.single_file import load_single_file
 
         return load_single_file(path, torch_dtype=dtype).to(device)
-    pipe = _load("pipeline", str(path), lambda: StableDiffusionPipeline.from_pretrained(
+    pipe = _load("pipeline", str(path), lambda: DiffusionPipeline.from_pretrained(
         str(path), torch_dtype=dtype, use_safetensors=True, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False))
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionControlNetPipeline)):
+        raise ValueError(f"{path}: a {type(pipe).__name__}; ldm generates with Stable-Diffusion-layout pipelines")
     return pipe.to(device)
+
+
+def _per_prompt(images, prompts: Sequence[str], what: str, width: int, height: int) -> list[Image.Image]:
+    images = [images] * len(prompts) if isinstance(images, Image.Image) else list(images)
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} {what} for {len(prompts)} prompts: give one, or one per prompt")
+    return [im.convert("RGB").resize((width, height), Image.BICUBIC) for im in images]
 
 
 @dataclass
@@ -95,31 +109,67 @@ def generate(
     batch_size: int = 16,
     device: Union[str, torch.device] = "cpu",
     guidance_rescale: float = 0.0,
+    init_image: Union[None, Image.Image, Sequence[Image.Image]] = None,
+    strength: float = 0.6,
+    sketch: Union[None, Image.Image, Sequence[Image.Image]] = None,
+    conditioning_scale: float = 1.0,
 ) -> list[Generated]:
-    """Generate `num_images_per_prompt` images for each prompt; returns them with their parameters."""
+    """Generate `num_images_per_prompt` images for each prompt; returns them with their parameters.
+
+    With `init_image` (one image, or one per prompt) this is image-to-image (SDEdit, Meng et al. 2022):
+    the image's latents are noised to `strength` × T and denoised with the prompt, through Diffusers'
+    `StableDiffusionImg2ImgPipeline` sharing the same components. Low strength keeps the layout,
+    high strength follows the prompt; only ⌈strength × num_inference_steps⌉ steps run.
+
+    A ControlNet pipeline (trained with conditioning.type=sketch) needs `sketch` (one, or one per
+    prompt); `conditioning_scale` scales its residuals, independently of the text's `guidance_scale`."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
-    pipe = model if isinstance(model, StableDiffusionPipeline) else load_pipeline(str(model), device)
+    pipe = model if hasattr(model, "unet") else load_pipeline(str(model), device)
+    controlled = isinstance(pipe, StableDiffusionControlNetPipeline)
+    if controlled != (sketch is not None):
+        raise ValueError("a sketch goes with a ControlNet pipeline and only with one: this pipeline "
+                         + ("has a ControlNet; give sketch=…" if controlled else "has no ControlNet"))
+    if controlled and init_image is not None:
+        raise ValueError("image-to-image with a sketch is not supported; use one or the other")
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = height or size, width or size
-    jobs = [(p, seed + j) for j, p in enumerate(p for p in prompts for _ in range(num_images_per_prompt))]
+    sketches = _per_prompt(sketch, prompts, "sketches", width, height) if sketch is not None else []
+    inits: list = []
+    if init_image is not None:
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength {strength}: must be in (0, 1] (0 would return the input unchanged)")
+        inits = _per_prompt(init_image, prompts, "init images", width, height)
+        runner = StableDiffusionImg2ImgPipeline(**pipe.components)
+        runner.set_progress_bar_config(disable=True)
+    jobs = [(p, seed + j, k) for j, (k, p) in
+            enumerate((k, p) for k, p in enumerate(prompts) for _ in range(num_images_per_prompt))]
     out: list[Generated] = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        generators = [torch.Generator(device="cpu").manual_seed(s) for _, s in chunk]
-        images = pipe(
-            prompt=[p for p, _ in chunk],
-            negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-            guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, guidance_rescale=guidance_rescale,
-            height=height, width=width, generator=generators, output_type="pil",
-        ).images
-        for (prompt, s), image in zip(chunk, images):
+        generators = [torch.Generator(device="cpu").manual_seed(s) for _, s, _ in chunk]
+        common = dict(prompt=[p for p, _, _ in chunk],
+                      negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+                      guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                      generator=generators, output_type="pil")
+        if inits:
+            images = runner(image=[inits[k] for _, _, k in chunk], strength=strength, **common).images
+        elif sketches:
+            images = pipe(image=[sketches[k] for _, _, k in chunk], controlnet_conditioning_scale=conditioning_scale,
+                          height=height, width=width, **common).images
+        else:
+            images = pipe(guidance_rescale=guidance_rescale, height=height, width=width, **common).images
+        for (prompt, s, _), image in zip(chunk, images):
             params = dict(prompt=prompt, negative_prompt=negative_prompt or "", seed=s, sampler=sampler,
                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                           guidance_rescale=guidance_rescale, height=height, width=width)
+            if inits:
+                params["strength"] = strength
+            if sketches:
+                params["conditioning_scale"] = conditioning_scale
             out.append(Generated(image, prompt, s, params))
     return out

@@ -153,6 +153,9 @@ def export_single_file(pipe, path: str | Path, precision: Precision = "fp32",
     """Write `pipe` (a StableDiffusionPipeline) to one safetensors file in the LDM layout."""
     if precision not in DTYPES:
         raise ValueError(f"precision {precision!r}: choose one of {', '.join(DTYPES)}")
+    if getattr(pipe, "controlnet", None) is not None:
+        raise ValueError("single-file export covers the text-to-image pipeline (UNet, VAE, text encoder); a "
+                         "ControlNet is published as its own Diffusers folder (controlnet/)")
     dtype = DTYPES[precision]
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
              for k, v in to_ldm(pipe.unet, pipe.vae, pipe.text_encoder).items()}

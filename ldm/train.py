@@ -50,12 +50,13 @@ from ldm.components import (
     unet_kwargs,
     unet_flops_per_image,
 )
+from ldm.conditions import build_controlnet, controlled_prediction, drop_sketch, sketch_from_pixels
 from ldm.config import Config, ConfigError, save_config
 from ldm.data import SampleStream, StreamBatches
 from ldm.diffusion import SampleDraws, diffusion_loss, draw_samples, min_snr_weights, snr, training_target
 from ldm.evaluation import encode_images, validation_loss
 from ldm.hub import BackgroundPublisher, publish, write_model_card
-from ldm.images import make_grid, save_png
+from ldm.images import make_grid, save_png, to_pil
 from ldm.sources import open_audited
 from ldm.pipeline import assemble_pipeline, generate
 
@@ -67,10 +68,16 @@ def set_tf32(allow: bool) -> None:
 
 
 def train_step(unet, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor, noise: torch.Tensor,
-               timesteps: torch.Tensor, prediction_type: str, snr_gamma: Optional[float]) -> torch.Tensor:
-    """Loss of one micro-batch: noise the latents to t, predict, MSE against ε (or v), min-SNR weights."""
+               timesteps: torch.Tensor, prediction_type: str, snr_gamma: Optional[float], controlnet=None,
+               sketch: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Loss of one micro-batch: noise the latents to t, predict, MSE against ε (or v), min-SNR weights.
+    With a ControlNet, the (frozen) UNet predicts with its residuals from `sketch` (zeroed where not `keep`)."""
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # √ᾱ_t x₀ + √(1−ᾱ_t) ε
-    model_pred = unet(noisy_latents, timesteps, prompt_embeds).sample
+    if controlnet is not None:
+        model_pred = controlled_prediction(unet, controlnet, noisy_latents, timesteps, prompt_embeds, sketch,
+                                           keep=keep)
+    else:
+        model_pred = unet(noisy_latents, timesteps, prompt_embeds).sample
     target = training_target(scheduler, latents, noise, timesteps, prediction_type)
     weights = None
     if snr_gamma is not None:
@@ -169,16 +176,24 @@ def ema_weights(unet, ema: Optional[EMAModel]):
 
 
 def validate(cfg: Config, step: int, frozen: FrozenEncoders, unet, scheduler, out: Path,
-             accelerator: Accelerator) -> Path:
-    """Fixed prompts and seed → a PNG grid (and TensorBoard images)."""
+             accelerator: Accelerator, controlnet=None, stream: Optional[SampleStream] = None) -> Path:
+    """Fixed prompts and seed → a PNG grid (and TensorBoard images). With a ControlNet, prompt k is drawn
+    on the sketch of stream sample k (the sketches lead the grid)."""
     tokenizer, text_encoder = frozen.text
-    pipe = assemble_pipeline(frozen.vae, text_encoder, tokenizer, unet, scheduler, sampler=cfg.sample.sampler)
+    pipe = assemble_pipeline(frozen.vae, text_encoder, tokenizer, unet, scheduler, sampler=cfg.sample.sampler,
+                             controlnet=controlnet)
     s = cfg.sample
+    sketches = None
+    if controlnet is not None:
+        assert stream is not None
+        pixels = torch.stack([stream[k]["pixel_values"] for k in range(len(s.prompts))])
+        sketches = [to_pil(x) for x in sketch_from_pixels(pixels, cfg.conditioning.sketch.threshold) * 2 - 1]
     results = generate(pipe, s.prompts, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale,
                        num_inference_steps=s.num_inference_steps, sampler=s.sampler, seed=s.seed,
                        num_images_per_prompt=s.num_images_per_prompt, batch_size=s.batch_size,
-                       device=accelerator.device)
-    images = [r.image for r in results]
+                       device=accelerator.device, sketch=sketches,
+                       conditioning_scale=cfg.conditioning.sketch.conditioning_scale)
+    images = (sketches or []) + [r.image for r in results]
     path = save_png(make_grid(images), out / "validation" / f"step_{step:06d}.png",
                     {"step": step, "prompts": list(s.prompts), "seed": s.seed, "sampler": s.sampler})
     for tracker in accelerator.trackers:
@@ -190,12 +205,14 @@ def validate(cfg: Config, step: int, frozen: FrozenEncoders, unet, scheduler, ou
     return path
 
 
-def _push_checkpoint(publisher: BackgroundPublisher, cfg: Config, step: int, frozen: FrozenEncoders, base, ema,
-                     scheduler, staging: Path) -> None:
+def _push_checkpoint(publisher: BackgroundPublisher, cfg: Config, step: int, frozen: FrozenEncoders, unet,
+                     controlnet, ema, scheduler, staging: Path) -> None:
     """Export the weights of this checkpoint (EMA if on) to a staging folder and upload it in the background."""
+    base = controlnet if controlnet is not None else unet
     with ema_weights(base, ema if cfg.train.ema_for_export else None):
         tokenizer, text_encoder = frozen.text
-        export_pipeline(staging, frozen.vae.to(torch.float32), text_encoder, tokenizer, base, scheduler, cfg)
+        export_pipeline(staging, frozen.vae.to(torch.float32), text_encoder, tokenizer, unet, scheduler, cfg,
+                        controlnet=controlnet)
     base.train()
     write_model_card(staging, cfg)
     publisher.submit(staging, f"ldm: checkpoint at step {step}")
@@ -235,15 +252,24 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
     frozen = FrozenEncoders(cfg.model, device)
     torch.manual_seed(t.seed)  # UNet initialisation is identical on every process
     unet = build_unet(cfg, vae_info, text_info).to(device)
+    controlnet = None
+    if cfg.conditioning.type == "sketch":
+        # A ControlNet learns the sketch; the text-to-image UNet it steers stays frozen.
+        unet.requires_grad_(False).eval()
+        torch.manual_seed(t.seed)
+        controlnet = build_controlnet(unet, vae_info.downsample).to(device)
     # The bare module: it shares its parameters with whatever wraps it below (compile, DDP), and is
     # what EMA, checkpoints, validation and export use (its state-dict keys carry no wrapper prefix).
-    base = unet
+    base = controlnet if controlnet is not None else unet  # the module that trains
+    frozen_modules = [unet] if controlnet is not None else []
     scheduler = build_scheduler(cfg.model.scheduler)
     if t.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        for module in [base, *frozen_modules]:
+            module.enable_gradient_checkpointing()
     if t.attention == "xformers":
         try:
-            unet.enable_xformers_memory_efficient_attention()
+            for module in [base, *frozen_modules]:
+                module.enable_xformers_memory_efficient_attention()
         except Exception as err:
             raise ConfigError(f"config key 'train.attention': xformers is not usable here ({err}); "
                               "install the 'xformers' extra or use 'sdpa'") from err
@@ -253,25 +279,29 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
         vae_fp, text_fp = cache_fingerprints(cfg, frozen)
         encoded = build_cache(stream, cfg.data.cache_dir, lambda: frozen.vae, lambda: frozen.text, vae_fp, text_fp,
                               accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
-                              show_progress=show_progress and main)
+                              show_progress=show_progress and main,
+                              sketch_threshold=cfg.conditioning.sketch.threshold if controlnet is not None else None)
         loaded = [name for name, was in frozen.loaded.items() if was]
         accelerator.print(f"cache ready in {cfg.data.cache_dir}; encoders loaded to fill it: {', '.join(loaded) or 'none'}")
     if t.channels_last:
-        unet.to(memory_format=torch.channels_last)
+        for module in [base, *frozen_modules]:
+            module.to(memory_format=torch.channels_last)
     # 6. Optimiser (fused kernel on CUDA), LR schedule (stepped once per optimizer step, whatever the
     #    process count), EMA.
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+    optimizer = torch.optim.AdamW(base.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
                                   fused=device.type == "cuda")
     lr_schedule = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                                 num_training_steps=t.max_steps)
-    ema = EMAModel(unet.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup) \
+    ema = EMAModel(base.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup) \
         if t.ema_decay is not None else None
     if ema is not None:
         ema.to(device)
     if t.compile:
-        unet = torch.compile(unet)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+        model = torch.compile(base)
+    else:
+        model = base
+    model, optimizer = accelerator.prepare(model, optimizer)
     # Resume: weights, EMA, optimizer, LR schedule, grad scaler, RNG and the data position.
     ckpt_root = out / "checkpoints"
     step, start_micro = 0, 0
@@ -299,7 +329,7 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
     publisher = BackgroundPublisher(cfg.hub.repo_id, cfg.hub.private, cfg.hub.retries, accelerator.print) \
         if cfg.hub.push_checkpoints else None
     bar = tqdm(total=t.max_steps, initial=step, desc="stage 2 (UNet)", disable=not (show_progress and main))
-    unet.train()
+    model.train()
     for batch in iterate_batches(stream, sampler, encoded, cfg.data.num_workers, device.type == "cuda"):
         draws = draw_samples(t.seed, batch["position"], latent_shape, cfg.model.scheduler.num_train_timesteps,
                              cfg.data.caption_dropout)
@@ -308,16 +338,23 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
         latents, prompt_embeds = encode_batch(batch, draws, encoded, frozen, device)
         if t.record_samples:
             _record(out / f"samples_rank{accelerator.process_index}.jsonl", step + 1, batch)
-        with accelerator.accumulate(unet):
-            loss = train_step(unet, scheduler, latents, prompt_embeds, draws.noise.to(device),
-                              draws.timesteps.to(device), cfg.model.scheduler.prediction_type, t.snr_gamma)
+        sketch = keep = None
+        if controlnet is not None:
+            sketch = (encoded.sketches(batch["index"], batch["position"]) if encoded is not None else
+                      sketch_from_pixels(batch["pixel_values"], cfg.conditioning.sketch.threshold)).to(device)
+            keep = ~drop_sketch(t.seed, [int(p) for p in batch["position"]], cfg.conditioning.sketch.dropout)
+        with accelerator.accumulate(model), accelerator.autocast():
+            loss = train_step(unet if controlnet is not None else model, scheduler, latents, prompt_embeds,
+                              draws.noise.to(device), draws.timesteps.to(device), cfg.model.scheduler.prediction_type,
+                              t.snr_gamma, controlnet=model if controlnet is not None else None, sketch=sketch,
+                              keep=keep)
             accelerator.backward(loss)
             running += loss.detach() / k_accum
             if not accelerator.sync_gradients:
                 continue
             # Non-finite guard: one host sync per optimizer step. Under fp16 the grad scaler already
             # skips overflowing steps, so only a non-finite loss counts there.
-            grad_norm = accelerator.clip_grad_norm_(unet.parameters(), t.max_grad_norm or float("inf"))
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
             finite = torch.isfinite(loss.detach()) & (torch.isfinite(grad_norm) if accelerator.scaler is None
                                                       else torch.ones((), dtype=torch.bool, device=device))
             if bool(accelerator.reduce(finite.float(), reduction="sum") == accelerator.num_processes):
@@ -335,7 +372,7 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
         if ema is not None and bad_streak == 0:
-            ema.step(unet.parameters())
+            ema.step(base.parameters())
         step += 1
         window_steps += 1
         bar.update(1)
@@ -352,11 +389,13 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
             save_training_state(ckpt_root, step, step * k_accum, base, ema, optimizer, lr_schedule, accelerator,
                                 cfg, t.checkpoints_total_limit)
             if publisher is not None and main and step < t.max_steps and not publisher.busy:
-                _push_checkpoint(publisher, cfg, step, frozen, base, ema, scheduler, out / "hub_staging")
+                _push_checkpoint(publisher, cfg, step, frozen, unet, controlnet, ema, scheduler,
+                                 out / "hub_staging")
         if t.validate_every and step % t.validate_every == 0 and step < t.max_steps and main:
             with ema_weights(base, ema if t.ema_for_export else None):
-                validate(cfg, step, frozen, base, scheduler, out, accelerator)
-                _log_validation_loss(cfg, step, stream, val_set, frozen, base, scheduler, out, accelerator)
+                validate(cfg, step, frozen, unet, scheduler, out, accelerator, controlnet, stream)
+                if controlnet is None:  # (the loss per timestep bucket is the text model's measure)
+                    _log_validation_loss(cfg, step, stream, val_set, frozen, unet, scheduler, out, accelerator)
             base.train()
     bar.close()
     # 8. Export (EMA weights by default) and a last validation grid.
@@ -366,10 +405,12 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
         base.eval()
         with ema_weights(base, ema if t.ema_for_export else None):
             tokenizer, text_encoder = frozen.text
-            export_pipeline(folder, frozen.vae.to(torch.float32), text_encoder, tokenizer, base, scheduler, cfg)
+            export_pipeline(folder, frozen.vae.to(torch.float32), text_encoder, tokenizer, unet, scheduler, cfg,
+                            controlnet=controlnet)
             if t.validate_every:
-                validate(cfg, step, frozen, base, scheduler, out, accelerator)
-            _log_validation_loss(cfg, step, stream, val_set, frozen, base, scheduler, out, accelerator)
+                validate(cfg, step, frozen, unet, scheduler, out, accelerator, controlnet, stream)
+            if controlnet is None:
+                _log_validation_loss(cfg, step, stream, val_set, frozen, unet, scheduler, out, accelerator)
         grids = sorted((out / "validation").glob("step_*.png"))
         write_model_card(folder, cfg, images=tuple(grids[-1:]))
         if publisher is not None:

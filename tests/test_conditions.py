@@ -1,0 +1,135 @@
+"""Beyond text: image-to-image and sketch-to-image (a ControlNet), end to end on tiny components."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_overrides
+from ldm.config import ConfigError, load_config
+from ldm.shapes import ShapeSpec, render
+
+PROMPTS = ["a red circle in the center", "a blue square on the left"]
+
+
+@pytest.fixture(scope="module")
+def text_model(tiny, tmp_path_factory) -> Path:
+    from ldm.train import train
+
+    out = tmp_path_factory.mktemp("text_model")
+    return train(load_config(None, tiny_overrides(tiny, out) + ["train.max_steps=3"]), show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def sketch_model(text_model, tmp_path_factory) -> Path:
+    """A 3-step ControlNet run on the text model, from the cache, with checkpoints."""
+    from ldm.train import train
+
+    out = tmp_path_factory.mktemp("sketch_model")
+    cfg = load_config(None, _sketch_overrides(text_model, out) + [f"data.cache_dir={out / 'cache'}"])
+    return train(cfg, show_progress=False)
+
+
+def _sketch_overrides(text_model: Path, out: Path) -> list[str]:
+    return [f"model.pretrained={text_model}", "conditioning.type=sketch", "data.dataset=shapes",
+            "data.resolution=16", "data.shapes.num_images=32", "data.cache=true", f"train.output_dir={out}",
+            "train.batch_size=4", "train.max_steps=3", "train.lr=1e-3", "train.report_to=none",
+            "train.validate_every=2", "train.checkpoint_every=1", "train.ema_decay=0.9",
+            f"sample.prompts={PROMPTS}", "sample.num_inference_steps=3", "sample.guidance_scale=3.0"]
+
+
+def test_sketch_is_the_outline_whatever_the_colour():
+    from ldm.conditions import sketch_image
+
+    counts = []
+    for colour in ("yellow", "blue", "red"):
+        sketch = np.asarray(sketch_image(render(ShapeSpec(colour, "square", "center"), 32)))[..., 0] > 0
+        counts.append(sketch.sum())
+        assert not sketch[16, 16] and sketch[:, :8].sum() == 0  # hollow, nothing away from the shape
+        assert sketch[10:22, 10].any() and sketch[10, 10:22].any()  # the square's left and top sides
+    assert max(counts) - min(counts) <= 0.2 * max(counts)
+
+
+def test_img2img_matches_plain_diffusers_and_checks_its_arguments(text_model):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from ldm.pipeline import generate, make_scheduler
+
+    init = render(ShapeSpec("red", "circle", "center"), 16)
+    ours = generate(text_model, PROMPTS, init_image=init, strength=0.5, num_inference_steps=4, guidance_scale=3.0,
+                    seed=5)
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(text_model)
+    pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
+    theirs = pipe(PROMPTS, image=[init, init], strength=0.5, num_inference_steps=4, guidance_scale=3.0,
+                  generator=[torch.Generator().manual_seed(5 + j) for j in range(2)], output_type="pil").images
+    for a, b in zip(ours, theirs):
+        assert np.array_equal(np.asarray(a.image), np.asarray(b))
+    assert ours[0].params["strength"] == 0.5
+    with pytest.raises(ValueError, match=r"strength 0.0: must be in \(0, 1\]"):
+        generate(text_model, PROMPTS, init_image=init, strength=0.0, num_inference_steps=2)
+    with pytest.raises(ValueError, match="3 init images for 2 prompts"):
+        generate(text_model, PROMPTS, init_image=[init] * 3, num_inference_steps=2)
+
+
+def test_sketch_run_exports_a_controlnet_pipeline_that_plain_diffusers_reproduces(sketch_model):
+    from diffusers import DiffusionPipeline, StableDiffusionControlNetPipeline
+
+    from ldm.conditions import sketch_image
+    from ldm.pipeline import generate, make_scheduler
+
+    run = sketch_model.parent
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "step_000003"
+    assert (run / "checkpoints" / "step_000003" / "controlnet.safetensors").is_file()
+    assert list((run / "validation").glob("step_*.png"))  # the grid: sketches, then the pictures drawn on them
+    pipe = DiffusionPipeline.from_pretrained(sketch_model)
+    assert isinstance(pipe, StableDiffusionControlNetPipeline)
+    sketch = sketch_image(render(ShapeSpec("green", "triangle", "top left"), 16))
+    ours = generate(sketch_model, PROMPTS, sketch=sketch, conditioning_scale=0.8, num_inference_steps=3,
+                    guidance_scale=3.0, seed=1)
+    pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
+    theirs = pipe(PROMPTS, image=[sketch, sketch], controlnet_conditioning_scale=0.8, num_inference_steps=3,
+                  guidance_scale=3.0, generator=[torch.Generator().manual_seed(1 + j) for j in range(2)]).images
+    for a, b in zip(ours, theirs):
+        assert np.array_equal(np.asarray(a.image), np.asarray(b))
+    with pytest.raises(ValueError, match="has a ControlNet; give sketch"):
+        generate(sketch_model, PROMPTS, num_inference_steps=2)
+    # The UNet, VAE and text encoder are the text model's, untouched.
+    from safetensors.torch import load_file
+
+    text_model = Path(load_config(sketch_model / "ldm_config.yaml").model.pretrained)
+    a = load_file(text_model / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(sketch_model / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sketch_run_resumes_from_its_checkpoint_and_cache(sketch_model, tmp_path):
+    """Resuming a sketch run restores the ControlNet; cached and freshly computed sketches agree."""
+    from ldm.cache import build_cache
+    from ldm.components import FrozenEncoders, cache_fingerprints
+    from ldm.conditions import sketch_from_pixels
+    from ldm.data import SampleStream
+    from ldm.sources import open_source
+    from ldm.train import train
+
+    run = sketch_model.parent
+    cfg = load_config(run / "config.yaml", ["train.max_steps=4", "train.resume=latest"])
+    train(cfg, show_progress=False)
+    assert (run / "checkpoints" / "step_000004" / "controlnet.safetensors").is_file()
+    stream = SampleStream(open_source(cfg.data), cfg.data, cfg.train.seed)
+    frozen = FrozenEncoders(cfg.model, torch.device("cpu"))
+    encoded = build_cache(stream, cfg.data.cache_dir, lambda: frozen.vae, lambda: frozen.text,
+                          *cache_fingerprints(cfg, frozen), show_progress=False, sketch_threshold=0.1)
+    assert frozen.loaded == {"vae": False, "text_encoder": False}  # complete: nothing encoded again
+    items = [stream[p] for p in range(6)]
+    cached = encoded.sketches([i["index"] for i in items], [i["position"] for i in items])
+    fresh = sketch_from_pixels(torch.stack([i["pixel_values"] for i in items]), 0.1)
+    assert torch.equal(cached, fresh)
+
+
+def test_sketch_needs_a_trained_text_model():
+    with pytest.raises(ConfigError, match="conditioning.type.*model.pretrained"):
+        load_config(None, ["conditioning.type=sketch"])
