@@ -89,6 +89,9 @@ class ShapesConfig:
     # Combinations kept out of training, "colour shape position" with * for any part (e.g. "red triangle *");
     # the probe scores them separately, to measure generalisation to unseen captions.
     holdout: list[str] = field(default_factory=list)
+    # Fraction of pictures captioned by colour alone ("a red shape"), e.g. for sketch runs, where shape
+    # and position are meant to come from the sketch.
+    colour_only_captions: float = 0.0
 
 
 @dataclass
@@ -434,6 +437,7 @@ def check_config(cfg: Config) -> None:
     _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
     _require(m.text_encoder.max_length is None or m.text_encoder.max_length > 1,
              "model.text_encoder.max_length", "must be > 1 or null")
+    _require(0.0 <= d.shapes.colour_only_captions <= 1.0, "data.shapes.colour_only_captions", "must be in [0, 1]")
     c = cfg.conditioning
     _require(0.0 <= c.sketch.dropout < 1.0, "conditioning.sketch.dropout", "must be in [0, 1)")
     _require(c.sketch.threshold > 0.0, "conditioning.sketch.threshold", "must be > 0")

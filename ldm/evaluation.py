@@ -20,7 +20,7 @@ from ldm.data import prepare_image
 from ldm.diffusion import training_target, validation_draws
 from ldm.images import make_grid, save_png
 from ldm.pipeline import generate, load_pipeline
-from ldm.shapes import COLOURS, ShapeSpec, all_specs, read_image, render, score
+from ldm.shapes import COLOURS, POSITIONS, SHAPES, ShapeSpec, all_specs, read_image, render, score
 
 
 @dataclass
@@ -225,18 +225,29 @@ def other_colour(colour: str) -> str:
     return names[(names.index(colour) + 1) % len(names)]
 
 
+def other_spec(spec: ShapeSpec) -> ShapeSpec:
+    """Another colour, another shape and another position (the next of each)."""
+    shapes, positions = list(SHAPES), list(POSITIONS)
+    return ShapeSpec(other_colour(spec.colour), shapes[(shapes.index(spec.shape) + 1) % len(shapes)],
+                     positions[(positions.index(spec.position) + 4) % len(positions)])
+
+
 def img2img_probe(model, strengths: Sequence[float] = (0.3, 0.8), seed: int = 0,
                   specs: Optional[Sequence[ShapeSpec]] = None, sampler: str = "dpm++", num_inference_steps: int = 20,
-                  guidance_scale: float = 3.0, batch_size: int = 64) -> tuple[dict, list]:
-    """Each input is a rendered picture of a spec; the prompt asks for the same shape at the same place in
-    another colour. Per strength: how often the output keeps the input's shape and position, and how
-    often its colour is the prompt's. Returns (scores by strength, [(strength, images)])."""
+                  guidance_scale: float = 3.0, batch_size: int = 64, change: str = "colour") -> tuple[dict, list]:
+    """Each input is a rendered picture of a spec; the prompt asks for another colour, with the same shape
+    and place (`change="colour"`) or another shape and place too (`change="all"`: then only the picture
+    can keep them). Per strength: how often the output keeps the input's shape and position, how often
+    its colour (and shape and position) are the prompt's. Returns (scores by strength, grids)."""
     pipe = model if not isinstance(model, (str, Path)) else load_pipeline(model)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     specs = list(specs or all_specs())
     rng = np.random.default_rng([seed, 7])
     inputs = [render(s, resolution, rng) for s in specs]
-    targets = [ShapeSpec(other_colour(s.colour), s.shape, s.position) for s in specs]
+    if change not in ("colour", "all"):
+        raise ValueError(f"change={change!r}: 'colour' or 'all'")
+    targets = [other_spec(s) if change == "all" else ShapeSpec(other_colour(s.colour), s.shape, s.position)
+               for s in specs]
     scores, grids = {}, []
     for strength in strengths:
         results = generate(pipe, [t.caption for t in targets], guidance_scale=guidance_scale, sampler=sampler,
@@ -249,7 +260,53 @@ def img2img_probe(model, strengths: Sequence[float] = (0.3, 0.8), seed: int = 0,
                                             for r, s in zip(readings, specs)) / n,
             "follows_prompt_colour": sum(r.colour == t.colour for r, t in zip(readings, targets)) / n,
             "keeps_input_colour": sum(r.colour == s.colour for r, s in zip(readings, specs)) / n,
+            "keeps_position": sum(r.position == s.position for r, s in zip(readings, specs)) / n,
+            "keeps_shape": sum(r.shape == s.shape for r, s in zip(readings, specs)) / n,
+            "follows_prompt_shape_and_position": sum(r.shape == t.shape and r.position == t.position
+                                                     for r, t in zip(readings, targets)) / n,
             "n": n,
         }
         grids.append((strength, [r.image for r in results]))
     return scores, [("input", inputs)] + grids
+
+
+def sketch_probe(model, specs: Optional[Sequence[ShapeSpec]] = None, seed: int = 0, threshold: float = 0.1,
+                 conditioning_scale: float = 1.0, sampler: str = "dpm++", num_inference_steps: int = 20,
+                 guidance_scale: float = 3.0, batch_size: int = 64) -> tuple[list, list, list, list]:
+    """Pictures rendered from a seed no training run uses → their sketches; each prompt names only a
+    colour, another than the picture's ("a red shape"), so shape and position can only come from the
+    sketch. Returns (specs, target specs, readings, [(label, images)])."""
+    from ldm.conditions import sketch_image
+    from ldm.shapes import colour_caption
+
+    pipe = model if not isinstance(model, (str, Path)) else load_pipeline(model)
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    specs = list(specs or all_specs())
+    rng = np.random.default_rng([seed, 1_000_003])
+    sketches = [sketch_image(render(s, resolution, rng), threshold) for s in specs]
+    targets = [ShapeSpec(other_colour(s.colour), s.shape, s.position) for s in specs]
+    results = generate(pipe, [colour_caption(t.colour) for t in targets], guidance_scale=guidance_scale,
+                       sampler=sampler, num_inference_steps=num_inference_steps, seed=seed * 100_003,
+                       batch_size=batch_size, sketch=sketches, conditioning_scale=conditioning_scale)
+    readings = [read_image(r.image) for r in results]
+    return specs, targets, readings, [("sketch", sketches), ("generated", [r.image for r in results])]
+
+
+def sketch_scores(specs: Sequence[ShapeSpec], targets: Sequence[ShapeSpec], readings: Sequence,
+                  held_out: Sequence[ShapeSpec] = ()) -> dict:
+    """Shape and position against the sketch's picture, colour against the prompt; seen / held out."""
+    held = set(held_out)
+    out = {}
+    for name, keep in (("seen", lambda s: s not in held), ("held_out", lambda s: s in held)):
+        rows = [(s, t, r) for s, t, r in zip(specs, targets, readings) if keep(s)]
+        if rows:
+            n = len(rows)
+            out[name] = {
+                "shape_and_position_follow_sketch": sum(r.shape == s.shape and r.position == s.position
+                                                        for s, _, r in rows) / n,
+                "colour_follows_text": sum(r.colour == t.colour for _, t, r in rows) / n,
+                "all": sum(r.shape == s.shape and r.position == s.position and r.colour == t.colour
+                           for s, t, r in rows) / n,
+                "n": n,
+            }
+    return out

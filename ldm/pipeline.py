@@ -119,7 +119,7 @@ def generate(
     With `init_image` (one image, or one per prompt) this is image-to-image (SDEdit, Meng et al. 2022):
     the image's latents are noised to `strength` × T and denoised with the prompt, through Diffusers'
     `StableDiffusionImg2ImgPipeline` sharing the same components. Low strength keeps the layout,
-    high strength follows the prompt; only ⌈strength × num_inference_steps⌉ steps run.
+    high strength follows the prompt; only ⌊strength × num_inference_steps⌋ steps run.
 
     A ControlNet pipeline (trained with conditioning.type=sketch) needs `sketch` (one, or one per
     prompt); `conditioning_scale` scales its residuals, independently of the text's `guidance_scale`."""
@@ -143,6 +143,9 @@ def generate(
     if init_image is not None:
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength {strength}: must be in (0, 1] (0 would return the input unchanged)")
+        if int(num_inference_steps * strength) < 1:  # Diffusers runs ⌊steps × strength⌋ steps
+            raise ValueError(f"strength {strength} × {num_inference_steps} steps leaves no denoising step; "
+                             "raise num_inference_steps or strength")
         inits = _per_prompt(init_image, prompts, "init images", width, height)
         runner = StableDiffusionImg2ImgPipeline(**pipe.components)
         runner.set_progress_bar_config(disable=True)

@@ -60,6 +60,10 @@ class ShapeSpec:
         return f"{article} {self.colour} {self.shape} {POSITIONS[self.position][0]}"
 
 
+def colour_caption(colour: str) -> str:
+    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} shape"
+
+
 def all_specs() -> list[ShapeSpec]:
     """Every colour × shape × position combination, in a fixed order."""
     return [ShapeSpec(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS]
@@ -114,12 +118,13 @@ class ShapesDataset:
     """`num_images` shapes pictures; index i shows combination i mod 216, jittered from (seed, i)."""
 
     def __init__(self, num_images: int, resolution: int, seed: int = 0,
-                 exclude: Iterable[ShapeSpec] = ()):
+                 exclude: Iterable[ShapeSpec] = (), colour_only_captions: float = 0.0):
         excluded = set(exclude)
         self.specs = [s for s in all_specs() if s not in excluded]
         if not self.specs:
             raise ValueError("every shapes combination is excluded; nothing left to train on")
         self.num_images, self.resolution, self.seed = num_images, resolution, seed
+        self.colour_only_captions = colour_only_captions
 
     def __len__(self) -> int:
         return self.num_images
@@ -132,7 +137,14 @@ class ShapesDataset:
             raise IndexError(index)
         spec = self.spec(index)
         rng = np.random.default_rng([self.seed, index])
-        return {"image": render(spec, self.resolution, rng), "text": spec.caption}
+        return {"image": render(spec, self.resolution, rng), "text": self.caption(index)}
+
+    def caption(self, index: int) -> str:
+        """The full caption, or (for a fixed fraction of indices) the colour alone: "a red shape"."""
+        spec = self.spec(index)
+        if self.colour_only_captions and np.random.default_rng([self.seed, index, 1]).random() < self.colour_only_captions:
+            return colour_caption(spec.colour)
+        return spec.caption
 
 
 # --------------------------------------------------------------------------------------------

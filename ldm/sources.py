@@ -97,7 +97,8 @@ class ShapesSource:
         from ldm.shapes import ShapesDataset, parse_holdout
 
         self.dataset = ShapesDataset(cfg.shapes.num_images, cfg.resolution, seed=cfg.shapes.seed,
-                                     exclude=parse_holdout(cfg.shapes.holdout))
+                                     exclude=parse_holdout(cfg.shapes.holdout),
+                                     colour_only_captions=cfg.shapes.colour_only_captions)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -107,7 +108,7 @@ class ShapesSource:
         return item["image"], item["text"]
 
     def caption(self, index: int) -> str:
-        return self.dataset.spec(index).caption
+        return self.dataset.caption(index)
 
     def fingerprint(self, index: int) -> str:
         image = self.get(index)[0]

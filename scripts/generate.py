@@ -7,6 +7,8 @@
 import argparse
 from pathlib import Path
 
+from PIL import Image
+
 from ldm.images import save_generations
 from ldm.pipeline import SAMPLERS, generate
 
@@ -26,6 +28,10 @@ def main() -> None:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--init-image", help="image-to-image: start from this picture")
+    p.add_argument("--strength", type=float, default=0.6, help="image-to-image: 0 keeps the input, 1 ignores it")
+    p.add_argument("--sketch", help="a sketch for a ControlNet pipeline (white lines on black)")
+    p.add_argument("--conditioning-scale", type=float, default=1.0, help="how strongly the sketch steers")
     p.add_argument("--out", default="outputs/samples")
     a = p.parse_args()
     prompts = list(a.prompt)
@@ -36,7 +42,9 @@ def main() -> None:
     results = generate(a.model, prompts, negative_prompt=a.negative_prompt, guidance_scale=a.guidance_scale,
                        num_inference_steps=a.steps, sampler=a.sampler, seed=a.seed, height=a.height,
                        width=a.width, num_images_per_prompt=a.num_images, batch_size=a.batch_size, device=a.device,
-                       guidance_rescale=a.guidance_rescale)
+                       guidance_rescale=a.guidance_rescale, strength=a.strength,
+                       init_image=Image.open(a.init_image) if a.init_image else None,
+                       sketch=Image.open(a.sketch) if a.sketch else None, conditioning_scale=a.conditioning_scale)
     paths = save_generations(results, a.out)
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
 

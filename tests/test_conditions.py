@@ -71,6 +71,8 @@ def test_img2img_matches_plain_diffusers_and_checks_its_arguments(text_model):
     assert ours[0].params["strength"] == 0.5
     with pytest.raises(ValueError, match=r"strength 0.0: must be in \(0, 1\]"):
         generate(text_model, PROMPTS, init_image=init, strength=0.0, num_inference_steps=2)
+    with pytest.raises(ValueError, match="leaves no denoising step"):
+        generate(text_model, PROMPTS, init_image=init, strength=0.3, num_inference_steps=2)
     with pytest.raises(ValueError, match="3 init images for 2 prompts"):
         generate(text_model, PROMPTS, init_image=[init] * 3, num_inference_steps=2)
 
@@ -133,3 +135,19 @@ def test_sketch_run_resumes_from_its_checkpoint_and_cache(sketch_model, tmp_path
 def test_sketch_needs_a_trained_text_model():
     with pytest.raises(ConfigError, match="conditioning.type.*model.pretrained"):
         load_config(None, ["conditioning.type=sketch"])
+
+
+def test_probes_score_img2img_and_sketches(text_model, sketch_model):
+    from ldm.evaluation import img2img_probe, sketch_probe, sketch_scores
+    from ldm.shapes import all_specs
+
+    specs = all_specs()[::27]  # 8 combinations
+    scores, grids = img2img_probe(text_model, (0.3, 0.9), specs=specs, num_inference_steps=4, change="all")
+    assert set(scores) == {"0.3", "0.9"} and all(v["n"] == 8 for v in scores.values())
+    assert all(0.0 <= x <= 1.0 for v in scores.values() for k, x in v.items() if k != "n")
+    assert [label for label, _ in grids] == ["input", 0.3, 0.9] and all(len(images) == 8 for _, images in grids)
+    specs_, targets, readings, grids = sketch_probe(sketch_model, specs=specs, num_inference_steps=2)
+    assert all(t.colour != s.colour and (t.shape, t.position) == (s.shape, s.position) for s, t in zip(specs_, targets))
+    result = sketch_scores(specs_, targets, readings, held_out=specs[:2])
+    assert result["seen"]["n"] == 6 and result["held_out"]["n"] == 2
+    assert np.asarray(grids[0][1][0]).max() == 255  # the sketch: white lines on black
