@@ -20,7 +20,17 @@ from ldm.data import prepare_image
 from ldm.diffusion import training_target, validation_draws
 from ldm.images import make_grid, save_png
 from ldm.pipeline import generate, load_pipeline
-from ldm.shapes import COLOURS, POSITIONS, SHAPES, ShapeSpec, all_specs, read_image, render, score
+from ldm.shapes import (
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    ShapeSpec,
+    all_specs,
+    parse_holdout,
+    read_image,
+    render,
+    score,
+)
 
 
 @dataclass
@@ -46,6 +56,18 @@ def shapes_probe(model, seeds: Sequence[int] = (0,), specs: Optional[Sequence[Sh
         expected += specs
     readings = [read_image(image) for image in images]
     return ProbeResult(score(readings, expected), expected, readings, images)
+
+
+def saved_holdout(pipeline_folder: str | Path) -> list[ShapeSpec]:
+    """The held-out combinations a pipeline was trained without (from its ldm_config.yaml; none if absent).
+    Read as plain YAML: the config may name paths (a base model) that no longer exist here."""
+    import yaml
+
+    saved = Path(pipeline_folder) / "ldm_config.yaml"
+    if not saved.is_file():
+        return []
+    tree = yaml.safe_load(saved.read_text()) or {}
+    return parse_holdout(((tree.get("data") or {}).get("shapes") or {}).get("holdout") or [])
 
 
 def split_scores(result: ProbeResult, held_out: Sequence[ShapeSpec]) -> dict[str, dict]:

@@ -12,10 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ldm.config import load_config
-from ldm.evaluation import encode_images, plot_sweeps, sweep, sweep_table, validation_loss
+from ldm.evaluation import encode_images, plot_sweeps, saved_holdout, sweep, sweep_table, validation_loss
 from ldm.pipeline import load_pipeline
-from ldm.shapes import ShapesDataset, parse_holdout
+from ldm.shapes import ShapesDataset
 
 
 def main() -> None:
@@ -30,8 +29,7 @@ def main() -> None:
                    help="fresh shapes pictures (never trained on) for the loss per timestep bucket")
     p.add_argument("--out", default="outputs/eval")
     a = p.parse_args()
-    cfg_file = Path(a.model) / "ldm_config.yaml"
-    held = parse_holdout(load_config(cfg_file).data.shapes.holdout) if cfg_file.is_file() else []
+    held = saved_holdout(a.model)
     pipe, seeds = load_pipeline(a.model), range(a.seeds)
     runs = [(name, int(n), a.sampler_guidance) for spec in a.samplers for name, steps in [spec.split(":")]
             for n in steps.split(",")]

@@ -12,10 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ldm.config import load_config
-from ldm.evaluation import img2img_probe, sketch_probe, sketch_scores
+from ldm.evaluation import img2img_probe, saved_holdout, sketch_probe, sketch_scores
 from ldm.images import make_grid, save_png
-from ldm.shapes import parse_holdout
 
 
 def main() -> None:
@@ -37,8 +35,7 @@ def main() -> None:
             save_png(make_grid([im for _, images in grids for im in images[:24]], cols=24),
                      out / f"img2img_change_{change}.png")
     if a.sketch_model:
-        saved = Path(a.sketch_model) / "ldm_config.yaml"
-        held = parse_holdout(load_config(saved).data.shapes.holdout) if saved.is_file() else []
+        held = saved_holdout(a.sketch_model)
         specs, targets, readings, grids = sketch_probe(a.sketch_model, conditioning_scale=a.conditioning_scale,
                                                        num_inference_steps=a.steps, guidance_scale=a.guidance_scale)
         report["sketch"] = sketch_scores(specs, targets, readings, held)

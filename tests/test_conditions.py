@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import tiny_overrides
 from ldm.config import ConfigError, load_config
@@ -151,3 +153,23 @@ def test_probes_score_img2img_and_sketches(text_model, sketch_model):
     result = sketch_scores(specs_, targets, readings, held_out=specs[:2])
     assert result["seen"]["n"] == 6 and result["held_out"]["n"] == 2
     assert np.asarray(grids[0][1][0]).max() == 255  # the sketch: white lines on black
+
+
+def test_generate_script_takes_an_init_image_and_a_sketch(text_model, sketch_model, tmp_path):
+    from ldm.conditions import sketch_image
+    from ldm.evaluation import saved_holdout
+
+    picture = render(ShapeSpec("red", "circle", "center"), 16)
+    picture.save(tmp_path / "input.png")
+    sketch_image(picture).save(tmp_path / "sketch.png")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    root = Path(__file__).resolve().parents[1]
+    for model, flags in ((text_model, ["--init-image", str(tmp_path / "input.png"), "--strength", "0.5"]),
+                         (sketch_model, ["--sketch", str(tmp_path / "sketch.png"), "--conditioning-scale", "1.5"])):
+        out = tmp_path / model.parent.name
+        proc = subprocess.run([sys.executable, "scripts/generate.py", "--model", str(model), "--prompt", "a red shape",
+                               "--steps", "4", "--out", str(out), *flags], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (out / "0000_seed0.png").is_file()
+    assert saved_holdout(sketch_model) == []  # read as plain YAML, whether or not the base model is still there
