@@ -200,6 +200,10 @@ def apply_pretrained(cfg: Config) -> None:
         u.attention_head_dim = unet["attention_head_dim"]
     u.norm_num_groups = unet.get("norm_num_groups", u.norm_num_groups)
     u.cross_attention_dim = None
+    tokenizer = _read_json_config(src, "tokenizer", "tokenizer_config.json") or {}
+    limit = tokenizer.get("model_max_length")
+    if m.text_encoder.max_length is None and isinstance(limit, int) and limit < 100_000:  # (HF's "no limit")
+        m.text_encoder.max_length = limit  # the length the pipeline pads prompts to, as in its training
     schedule = _read_json_config(src, "scheduler", "scheduler_config.json") or {}
     for key in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
                 "rescale_betas_zero_snr"):

@@ -181,6 +181,7 @@ def test_fine_tuning_an_exported_pipeline_from_its_folder(exported, tmp_path):
                              "train.validate_every=0", "sample.num_inference_steps=2"])
     assert cfg.model.unet.block_out_channels == [16, 32] and cfg.model.unet.path == str(exported)
     assert cfg.model.text_encoder.subfolder == "text_encoder" and cfg.model.vae.subfolder == "vae"
+    assert cfg.model.text_encoder.max_length == 12  # the exported tokenizer's padding length
     folder = train(cfg, show_progress=False)
     before = load_file(exported / "unet" / "diffusion_pytorch_model.safetensors")
     after = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
