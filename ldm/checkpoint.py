@@ -130,7 +130,8 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
 
 def weights_name(module) -> str:
     """The trained module's file in a checkpoint: unet.safetensors, or controlnet.safetensors."""
-    return "controlnet.safetensors" if type(module).__name__ == "ControlNetModel" else "unet.safetensors"
+    return {"ControlNetModel": "controlnet.safetensors", "StyleAdapter": "style_adapter.safetensors"}.get(
+        type(module).__name__, "unet.safetensors")
 
 
 @dataclass
@@ -267,7 +268,7 @@ def load_training_state(folder: Path, unet, ema, optimizer, lr_schedule, acceler
 
 
 def export_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet, scheduler, cfg: Config,
-                    controlnet=None) -> Path:
+                    controlnet=None, style_adapter=None) -> Path:
     """Write a StableDiffusionPipeline folder that `DiffusionPipeline.from_pretrained` loads.
 
     Written to a temporary sibling and renamed into place, so a crash never leaves a half pipeline
@@ -281,6 +282,10 @@ def export_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet, sche
                              controlnet=controlnet)
     pipe.save_pretrained(tmp, safe_serialization=True)
     save_config(cfg, tmp / "ldm_config.yaml")
+    if style_adapter is not None:
+        from ldm.conditions import save_style_adapter
+
+        save_style_adapter(style_adapter, tmp)
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

@@ -92,6 +92,8 @@ class ShapesConfig:
     # Fraction of pictures captioned by colour alone ("a red shape"), e.g. for sketch runs, where shape
     # and position are meant to come from the sketch.
     colour_only_captions: float = 0.0
+    # Background styles to draw (white, grey, dark), one per picture at random; captions never name them.
+    styles: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -203,12 +205,23 @@ class SketchConfig:
 
 
 @dataclass
-class ConditioningConfig:
-    """Which condition the run trains besides text: `text` alone (the UNet), or `sketch` (a ControlNet
-    on the frozen UNet of model.pretrained)."""
+class StyleConfig:
+    """Style from a reference picture through an image-prompt adapter on a frozen text-to-image model."""
 
-    type: Literal["text", "sketch"] = "text"
+    dropout: float = 0.1  # probability of training without the reference (independent of the caption's)
+    scale: float = 1.0  # weight of the reference tokens in validation and the export's default
+    encoder_width: int = 128  # the CLIP vision tower trained with the adapter
+    encoder_layers: int = 3
+
+
+@dataclass
+class ConditioningConfig:
+    """Which condition the run trains besides text: `text` alone (the UNet), `sketch` (a ControlNet on the
+    frozen UNet of model.pretrained) or `style` (an image-prompt adapter on it)."""
+
+    type: Literal["text", "sketch", "style"] = "text"
     sketch: SketchConfig = field(default_factory=SketchConfig)
+    style: StyleConfig = field(default_factory=StyleConfig)
 
 
 @dataclass
@@ -438,11 +451,17 @@ def check_config(cfg: Config) -> None:
     _require(m.text_encoder.max_length is None or m.text_encoder.max_length > 1,
              "model.text_encoder.max_length", "must be > 1 or null")
     _require(0.0 <= d.shapes.colour_only_captions <= 1.0, "data.shapes.colour_only_captions", "must be in [0, 1]")
+    valid_styles = ("white", "grey", "dark")  # ldm.shapes.STYLES (not imported here: config loads first)
+    for i, style in enumerate(d.shapes.styles):
+        _require(style in valid_styles, f"data.shapes.styles[{i}]", f"{style!r}: choose from {', '.join(valid_styles)}")
     c = cfg.conditioning
     _require(0.0 <= c.sketch.dropout < 1.0, "conditioning.sketch.dropout", "must be in [0, 1)")
     _require(c.sketch.threshold > 0.0, "conditioning.sketch.threshold", "must be > 0")
-    _require(c.type != "sketch" or m.pretrained is not None or m.unet.path is not None, "conditioning.type",
-             "'sketch' trains a ControlNet on a trained text-to-image model: set model.pretrained to its pipeline")
+    _require(c.type == "text" or m.pretrained is not None or m.unet.path is not None, "conditioning.type",
+             f"'{c.type}' trains on top of a trained text-to-image model: set model.pretrained to its pipeline")
+    _require(0.0 <= c.style.dropout < 1.0, "conditioning.style.dropout", "must be in [0, 1)")
+    _require(c.style.encoder_width % 4 == 0 and c.style.encoder_width > 0, "conditioning.style.encoder_width",
+             "must be a positive multiple of 4 (4 attention heads)")
     h = cfg.hub
     _require(h.repo_id is None or (h.repo_id.count("/") == 1 and all(h.repo_id.split("/"))), "hub.repo_id",
              f"{h.repo_id!r} must look like 'user-or-org/model-name'")

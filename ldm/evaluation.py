@@ -332,3 +332,35 @@ def sketch_scores(specs: Sequence[ShapeSpec], targets: Sequence[ShapeSpec], read
                 "n": n,
             }
     return out
+
+
+def style_probe(model, specs: Optional[Sequence[ShapeSpec]] = None, seed: int = 0, style_scale: float = 1.0,
+                sampler: str = "dpm++", num_inference_steps: int = 20, guidance_scale: float = 3.0,
+                batch_size: int = 64) -> tuple[dict, list]:
+    """Each prompt is a full caption; its reference shows another shape (and colour and place) in one of
+    the styles, cycling through them. Scores whether the background follows the reference and whether
+    colour and shape (and position) follow the text. Returns (scores, [(label, images)])."""
+    from ldm.shapes import STYLES
+
+    pipe = model if not isinstance(model, (str, Path)) else load_pipeline(model)
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    specs = list(specs or all_specs())
+    styles = [list(STYLES)[i % len(STYLES)] for i in range(len(specs))]
+    rng = np.random.default_rng([seed, 2_000_003])
+    references = [render(other_spec(s), resolution, rng, style) for s, style in zip(specs, styles)]
+    results = generate(pipe, [s.caption for s in specs], guidance_scale=guidance_scale, sampler=sampler,
+                       num_inference_steps=num_inference_steps, seed=seed * 100_003, batch_size=batch_size,
+                       style=references, style_scale=style_scale)
+    readings = [read_image(r.image) for r in results]
+    n = len(specs)
+    scores = {
+        "style_follows_reference": sum(r.style == st for r, st in zip(readings, styles)) / n,
+        "colour_and_shape_follow_text": sum(r.colour == s.colour and r.shape == s.shape
+                                            for r, s in zip(readings, specs)) / n,
+        "position_follows_text": sum(r.position == s.position for r, s in zip(readings, specs)) / n,
+        "reference_shape_copied": sum(r.shape == other_spec(s).shape for r, s in zip(readings, specs)) / n,
+        "all": sum(r.style == st and r.colour == s.colour and r.shape == s.shape and r.position == s.position
+                   for r, s, st in zip(readings, specs, styles)) / n,
+        "n": n,
+    }
+    return scores, [("reference", references), ("generated", [r.image for r in results])]

@@ -28,6 +28,8 @@ ALLOW_PATTERNS = (
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
     "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
     "controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors",
+    "ip_adapter/ip_adapter.safetensors", "ip_adapter/image_encoder/config.json",
+    "ip_adapter/image_encoder/model.safetensors",
     "text_encoder/config.json", "text_encoder/*.safetensors", "text_encoder/model.safetensors.index.json",
     "tokenizer/*.json", "tokenizer/*.txt", "tokenizer/*.model",
     "scheduler/scheduler_config.json",
@@ -107,7 +109,8 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
     data = ModelCardData(
         library_name="diffusers", pipeline_tag="text-to-image", license=cfg.hub.license,
         tags=["ldm", "text-to-image", "diffusers", "latent-diffusion",
-              *(["controlnet"] if (folder / "controlnet").is_dir() else []), *cfg.hub.tags],
+              *(["controlnet"] if (folder / "controlnet").is_dir() else []),
+              *(["ip-adapter"] if (folder / "ip_adapter").is_dir() else []), *cfg.hub.tags],
         base_model=base if _is_hub_id(base) else None,
         datasets=[cfg.data.dataset] if _is_hub_id(cfg.data.dataset) else None,
     )
@@ -134,7 +137,11 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
         f"| text encoder | `{(text.get('architectures') or [text.get('model_type')])[0]}`, width "
         f"{text.get('hidden_size')} | {_params(folder, 'text_encoder'):,} |",
         *([f"| ControlNet | `ControlNetModel` (sketch: edges of the picture) | {_params(folder, 'controlnet'):,} |"]
-          if (folder / "controlnet").is_dir() else []), "",
+          if (folder / "controlnet").is_dir() else []),
+        *([f"| style adapter | IP-Adapter (image encoder + decoupled cross-attention), "
+           f"`ip_adapter/`: load with `pipe.load_ip_adapter(repo, subfolder='ip_adapter', "
+           f"weight_name='ip_adapter.safetensors')` | {_params(folder, 'ip_adapter') + _params(folder, 'ip_adapter/image_encoder'):,} |"]
+          if (folder / "ip_adapter").is_dir() else []), "",
         f"Noise schedule: {cfg.model.scheduler.beta_schedule}, T = {cfg.model.scheduler.num_train_timesteps}, "
         f"{cfg.model.scheduler.prediction_type} prediction. Default sampler: {s.sampler}.", "",
         "## Training", "",

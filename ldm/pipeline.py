@@ -54,12 +54,14 @@ def make_scheduler(name: str, config) -> object:
     return cls.from_config(config, **options)
 
 
-def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, sampler: str = "dpm++", controlnet=None):
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, sampler: str = "dpm++", controlnet=None,
+                      image_encoder=None, feature_extractor=None):
     """A StableDiffusionPipeline (or, with a ControlNet, a StableDiffusionControlNetPipeline) from in-memory
-    components (no safety checker: we train our own models)."""
+    components (no safety checker: we train our own models). `image_encoder` and `feature_extractor` go
+    with a UNet that carries a style adapter."""
     parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                  scheduler=make_scheduler(sampler, scheduler.config), safety_checker=None,
-                 feature_extractor=None, requires_safety_checker=False)
+                 feature_extractor=feature_extractor, requires_safety_checker=False, image_encoder=image_encoder)
     if controlnet is not None:
         return StableDiffusionControlNetPipeline(controlnet=controlnet, **parts)
     return StableDiffusionPipeline(**parts)
@@ -77,14 +79,32 @@ def load_pipeline(path: str | Path, device: Union[str, torch.device] = "cpu",
         feature_extractor=None, requires_safety_checker=False))
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionControlNetPipeline)):
         raise ValueError(f"{path}: a {type(pipe).__name__}; ldm generates with Stable-Diffusion-layout pipelines")
+    if (Path(path) / "ip_adapter" / "ip_adapter.safetensors").is_file():  # a style run's export
+        pipe.load_ip_adapter(str(path), subfolder="ip_adapter", weight_name="ip_adapter.safetensors")
     return pipe.to(device)
 
 
-def _per_prompt(images, prompts: Sequence[str], what: str, width: int, height: int) -> list[Image.Image]:
+def _style_embeds(pipe, references: Optional[list], n: int, guidance_scale: float) -> torch.Tensor:
+    """(2n or n, 1, D): zero embeddings for the unconditional half (as Diffusers makes them), then each
+    reference's own; all zeros without references (the scale is 0 then, too)."""
+    device = pipe._execution_device
+    if references:
+        embeds = torch.cat([pipe.encode_image(r, device, 1)[0] for r in references])
+    else:
+        embeds = torch.zeros(n, pipe.image_encoder.config.projection_dim, device=device)
+    if guidance_scale > 1.0:
+        embeds = torch.cat([torch.zeros_like(embeds), embeds])
+    return embeds[:, None]
+
+
+def _per_prompt(images, prompts: Sequence[str], what: str, width: Optional[int] = None,
+                height: Optional[int] = None) -> list[Image.Image]:
+    """One image per prompt (one given for all is repeated), RGB, resized to width × height if given."""
     images = [images] * len(prompts) if isinstance(images, Image.Image) else list(images)
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} {what} for {len(prompts)} prompts: give one, or one per prompt")
-    return [im.convert("RGB").resize((width, height), Image.BICUBIC) for im in images]
+    images = [im.convert("RGB") for im in images]
+    return [im.resize((width, height), Image.BICUBIC) for im in images] if width and height else images
 
 
 @dataclass
@@ -113,6 +133,8 @@ def generate(
     strength: float = 0.6,
     sketch: Union[None, Image.Image, Sequence[Image.Image]] = None,
     conditioning_scale: float = 1.0,
+    style: Union[None, Image.Image, Sequence[Image.Image]] = None,
+    style_scale: float = 1.0,
 ) -> list[Generated]:
     """Generate `num_images_per_prompt` images for each prompt; returns them with their parameters.
 
@@ -122,7 +144,9 @@ def generate(
     high strength follows the prompt; only ⌊strength × num_inference_steps⌋ steps run.
 
     A ControlNet pipeline (trained with conditioning.type=sketch) needs `sketch` (one, or one per
-    prompt); `conditioning_scale` scales its residuals, independently of the text's `guidance_scale`."""
+    prompt); `conditioning_scale` scales its residuals, independently of the text's `guidance_scale`.
+    A pipeline with a style adapter takes `style` (a reference picture, or one per prompt) and `style_scale`;
+    without `style` it draws from the text alone."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
@@ -134,11 +158,17 @@ def generate(
                          + ("has a ControlNet; give sketch=…" if controlled else "has no ControlNet"))
     if controlled and init_image is not None:
         raise ValueError("image-to-image with a sketch is not supported; use one or the other")
+    styled = getattr(pipe, "image_encoder", None) is not None
+    if style is not None and not styled:
+        raise ValueError("style= needs a pipeline trained with conditioning.type=style (it has no image encoder)")
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = height or size, width or size
     sketches = _per_prompt(sketch, prompts, "sketches", width, height) if sketch is not None else []
+    references = _per_prompt(style, prompts, "style references") if style is not None else []
+    if styled:
+        pipe.set_ip_adapter_scale(style_scale if references else 0.0)
     inits: list = []
     if init_image is not None:
         if not 0.0 < strength <= 1.0:
@@ -159,6 +189,9 @@ def generate(
                       negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
                       guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                       generator=generators, output_type="pil")
+        if styled:  # one reference per image: embeddings computed here, as the pipeline would for one
+            common["ip_adapter_image_embeds"] = [_style_embeds(pipe, [references[k] for _, _, k in chunk]
+                                                               if references else None, len(chunk), guidance_scale)]
         if inits:
             images = runner(image=[inits[k] for _, _, k in chunk], strength=strength, **common).images
         elif sketches:
@@ -174,5 +207,7 @@ def generate(
                 params["strength"] = strength
             if sketches:
                 params["conditioning_scale"] = conditioning_scale
+            if references:
+                params["style_scale"] = style_scale
             out.append(Generated(image, prompt, s, params))
     return out

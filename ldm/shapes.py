@@ -44,6 +44,9 @@ POSITIONS: dict[str, tuple[str, tuple[float, float]]] = {
     "bottom right": ("in the bottom right corner", (_GRID[2], _GRID[2])),
 }
 BACKGROUND = (255, 255, 255)
+# The style attribute: the background colour. Captions never name it, so a model can only take it from
+# a reference picture (ldm's style condition); the checker reads it back from the border pixels.
+STYLES: dict[str, tuple[int, int, int]] = {"white": BACKGROUND, "grey": (150, 150, 150), "dark": (40, 40, 40)}
 SHAPE_SIZE = 0.34  # side of the shape's bounding box, as a fraction of the image side
 _SUPERSAMPLE = 4
 
@@ -101,10 +104,12 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, siz
         raise ValueError(f"unknown shape {shape!r}; valid shapes: {', '.join(SHAPES)}")
 
 
-def render(spec: ShapeSpec, resolution: int, jitter: Optional[np.random.Generator] = None) -> Image.Image:
-    """Draw `spec` anti-aliased (supersampled ×4). `jitter` perturbs position (±4 %) and size (±10 %)."""
+def render(spec: ShapeSpec, resolution: int, jitter: Optional[np.random.Generator] = None,
+           style: str = "white") -> Image.Image:
+    """Draw `spec` anti-aliased (supersampled ×4) on the `style` background. `jitter` perturbs position
+    (±4 %) and size (±10 %)."""
     big = resolution * _SUPERSAMPLE
-    image = Image.new("RGB", (big, big), BACKGROUND)
+    image = Image.new("RGB", (big, big), STYLES[style])
     fx, fy = POSITIONS[spec.position][1]
     size = SHAPE_SIZE
     if jitter is not None:
@@ -118,13 +123,18 @@ class ShapesDataset:
     """`num_images` shapes pictures; index i shows combination i mod 216, jittered from (seed, i)."""
 
     def __init__(self, num_images: int, resolution: int, seed: int = 0,
-                 exclude: Iterable[ShapeSpec] = (), colour_only_captions: float = 0.0):
+                 exclude: Iterable[ShapeSpec] = (), colour_only_captions: float = 0.0,
+                 styles: Sequence[str] = ()):
         excluded = set(exclude)
         self.specs = [s for s in all_specs() if s not in excluded]
         if not self.specs:
             raise ValueError("every shapes combination is excluded; nothing left to train on")
         self.num_images, self.resolution, self.seed = num_images, resolution, seed
         self.colour_only_captions = colour_only_captions
+        unknown = [s for s in styles if s not in STYLES]
+        if unknown:
+            raise ValueError(f"unknown shapes styles {unknown}; valid: {', '.join(STYLES)}")
+        self.styles = list(styles) or ["white"]
 
     def __len__(self) -> int:
         return self.num_images
@@ -137,7 +147,20 @@ class ShapesDataset:
             raise IndexError(index)
         spec = self.spec(index)
         rng = np.random.default_rng([self.seed, index])
-        return {"image": render(spec, self.resolution, rng), "text": self.caption(index)}
+        return {"image": render(spec, self.resolution, rng, self.style(index)), "text": self.caption(index)}
+
+    def style(self, index: int) -> str:
+        return self.styles[int(np.random.default_rng([self.seed, index, 2]).integers(len(self.styles)))]
+
+    def reference(self, index: int) -> Image.Image:
+        """A picture in the same style as item `index` that shows other content: another shape, and a colour
+        and position drawn at random (what a style condition trains on)."""
+        spec = self.spec(index)
+        rng = np.random.default_rng([self.seed, index, 3])
+        others = [s for s in SHAPES if s != spec.shape]
+        other = ShapeSpec(list(COLOURS)[rng.integers(len(COLOURS))], others[rng.integers(len(others))],
+                          list(POSITIONS)[rng.integers(len(POSITIONS))])
+        return render(other, self.resolution, rng, self.style(index))
 
     def caption(self, index: int) -> str:
         """The full caption, or (for a fixed fraction of indices) the colour alone: "a red shape"."""
@@ -158,6 +181,7 @@ class Reading:
     shape: Optional[str]
     position: Optional[str]
     shape_iou: float  # soft IoU of the best-fitting template (how clean the drawing is)
+    style: Optional[str] = None  # the background, nearest of STYLES
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -211,13 +235,20 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
     if rgb.max() > 1.5:
         rgb = rgb / 255.0
     res = rgb.shape[0]
-    # How far each pixel is from the white background, 0 (white) .. ~1 (saturated colour).
-    dist = np.linalg.norm(1.0 - rgb, axis=-1) / np.sqrt(3.0)
+    # The background: the median border pixel (exactly white when it is nearly white, as on the shapes
+    # the model was always asked for before styles existed).
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    background = np.median(border, axis=0)
+    if np.abs(background - 1.0).max() < 0.08:
+        background = np.ones(3, dtype=np.float32)
+    style = min(STYLES, key=lambda k: float(np.sum((np.array(STYLES[k]) / 255.0 - background) ** 2)))
+    # How far each pixel is from the background, 0 (background) .. ~1 (saturated colour on white).
+    dist = np.linalg.norm(background - rgb, axis=-1) / np.sqrt(3.0)
     # A pixel belongs to the shape if it is at least a quarter as far from white as the most saturated
     # pixel (and clearly off-white): a faint halo the model paints around a shape is not part of it.
     component = _largest_component(dist > max(0.15, 0.25 * float(dist.max())))
     if component.sum() < 2:
-        return Reading(None, None, None, 0.0)
+        return Reading(None, None, None, 0.0, style)
     core = component & (dist >= 0.7 * dist[component].max())
     mean = rgb[core].mean(axis=0) * 255.0
     colour = min(COLOURS, key=lambda c: float(np.sum((np.array(COLOURS[c]) - mean) ** 2)))
@@ -240,7 +271,7 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
             best = max(best, float(np.minimum(soft, tmpl).sum() / max(np.maximum(soft, tmpl).sum(), 1e-6)))
         ious[shape] = best
     shape = max(ious, key=ious.get)
-    return Reading(colour, shape, position, ious[shape])
+    return Reading(colour, shape, position, ious[shape], style)
 
 
 def score(readings: Sequence[Reading], expected: Sequence[ShapeSpec]) -> dict[str, float]:

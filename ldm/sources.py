@@ -98,7 +98,8 @@ class ShapesSource:
 
         self.dataset = ShapesDataset(cfg.shapes.num_images, cfg.resolution, seed=cfg.shapes.seed,
                                      exclude=parse_holdout(cfg.shapes.holdout),
-                                     colour_only_captions=cfg.shapes.colour_only_captions)
+                                     colour_only_captions=cfg.shapes.colour_only_captions,
+                                     styles=cfg.shapes.styles)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -109,6 +110,10 @@ class ShapesSource:
 
     def caption(self, index: int) -> str:
         return self.dataset.caption(index)
+
+    def reference(self, index: int) -> Image.Image:
+        """A style reference for item `index`: same background, other content."""
+        return self.dataset.reference(index)
 
     def fingerprint(self, index: int) -> str:
         image = self.get(index)[0]

@@ -50,7 +50,15 @@ from ldm.components import (
     unet_kwargs,
     unet_flops_per_image,
 )
-from ldm.conditions import build_controlnet, controlled_prediction, drop_sketch, sketch_from_pixels
+from ldm.conditions import (
+    build_controlnet,
+    build_style_adapter,
+    controlled_prediction,
+    drop_sketch,
+    sketch_from_pixels,
+    style_processor,
+    style_reference,
+)
 from ldm.config import Config, ConfigError, save_config
 from ldm.data import SampleStream, StreamBatches
 from ldm.diffusion import SampleDraws, diffusion_loss, draw_samples, min_snr_weights, snr, training_target
@@ -69,13 +77,16 @@ def set_tf32(allow: bool) -> None:
 
 def train_step(unet, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor, noise: torch.Tensor,
                timesteps: torch.Tensor, prediction_type: str, snr_gamma: Optional[float], controlnet=None,
-               sketch: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+               sketch: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None, adapter=None,
+               reference: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Loss of one micro-batch: noise the latents to t, predict, MSE against ε (or v), min-SNR weights.
     With a ControlNet, the (frozen) UNet predicts with its residuals from `sketch` (zeroed where not `keep`)."""
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # √ᾱ_t x₀ + √(1−ᾱ_t) ε
     if controlnet is not None:
         model_pred = controlled_prediction(unet, controlnet, noisy_latents, timesteps, prompt_embeds, sketch,
                                            keep=keep)
+    elif adapter is not None:  # reference pixels → image tokens beside the text (zeroed where not `keep`)
+        model_pred = adapter(unet, noisy_latents, timesteps, prompt_embeds, reference, keep)
     else:
         model_pred = unet(noisy_latents, timesteps, prompt_embeds).sample
     target = training_target(scheduler, latents, noise, timesteps, prediction_type)
@@ -176,14 +187,20 @@ def ema_weights(unet, ema: Optional[EMAModel]):
 
 
 def validate(cfg: Config, step: int, frozen: FrozenEncoders, unet, scheduler, out: Path,
-             accelerator: Accelerator, controlnet=None, stream: Optional[SampleStream] = None) -> Path:
+             accelerator: Accelerator, controlnet=None, stream: Optional[SampleStream] = None,
+             adapter=None) -> Path:
     """Fixed prompts and seed → a PNG grid (and TensorBoard images). With a ControlNet, prompt k is drawn
-    on the sketch of stream sample k (the sketches lead the grid)."""
+    on the sketch of stream sample k; with a style adapter, in the style of that sample's reference (the
+    sketches or references lead the grid)."""
     tokenizer, text_encoder = frozen.text
     pipe = assemble_pipeline(frozen.vae, text_encoder, tokenizer, unet, scheduler, sampler=cfg.sample.sampler,
-                             controlnet=controlnet)
+                             controlnet=controlnet, image_encoder=adapter.image_encoder if adapter else None,
+                             feature_extractor=style_processor(cfg.data.resolution) if adapter else None)
     s = cfg.sample
-    sketches = None
+    sketches = references = None
+    if adapter is not None:
+        assert stream is not None
+        references = [style_reference(stream.source, stream.index_of(k)) for k in range(len(s.prompts))]
     if controlnet is not None:
         assert stream is not None
         pixels = torch.stack([stream[k]["pixel_values"] for k in range(len(s.prompts))])
@@ -192,8 +209,9 @@ def validate(cfg: Config, step: int, frozen: FrozenEncoders, unet, scheduler, ou
                        num_inference_steps=s.num_inference_steps, sampler=s.sampler, seed=s.seed,
                        num_images_per_prompt=s.num_images_per_prompt, batch_size=s.batch_size,
                        device=accelerator.device, sketch=sketches,
-                       conditioning_scale=cfg.conditioning.sketch.conditioning_scale)
-    images = (sketches or []) + [r.image for r in results]
+                       conditioning_scale=cfg.conditioning.sketch.conditioning_scale, style=references,
+                       style_scale=cfg.conditioning.style.scale)
+    images = (sketches or references or []) + [r.image for r in results]
     path = save_png(make_grid(images), out / "validation" / f"step_{step:06d}.png",
                     {"step": step, "prompts": list(s.prompts), "seed": s.seed, "sampler": s.sampler})
     for tracker in accelerator.trackers:
@@ -206,13 +224,14 @@ def validate(cfg: Config, step: int, frozen: FrozenEncoders, unet, scheduler, ou
 
 
 def _push_checkpoint(publisher: BackgroundPublisher, cfg: Config, step: int, frozen: FrozenEncoders, unet,
-                     controlnet, ema, scheduler, staging: Path) -> None:
-    """Export the weights of this checkpoint (EMA if on) to a staging folder and upload it in the background."""
-    base = controlnet if controlnet is not None else unet
+                     controlnet, adapter, ema, scheduler, staging: Path) -> None:
+    """Export the weights of this checkpoint (EMA if on) to a staging folder and upload it in the background.
+    `unet` is the text-to-image UNet as exported (for a style run, without the adapter's processors)."""
+    base = controlnet if controlnet is not None else adapter if adapter is not None else unet
     with ema_weights(base, ema if cfg.train.ema_for_export else None):
         tokenizer, text_encoder = frozen.text
         export_pipeline(staging, frozen.vae.to(torch.float32), text_encoder, tokenizer, unet, scheduler, cfg,
-                        controlnet=controlnet)
+                        controlnet=controlnet, style_adapter=adapter)
     base.train()
     write_model_card(staging, cfg)
     publisher.submit(staging, f"ldm: checkpoint at step {step}")
@@ -252,20 +271,29 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
     frozen = FrozenEncoders(cfg.model, device)
     torch.manual_seed(t.seed)  # UNet initialisation is identical on every process
     unet = build_unet(cfg, vae_info, text_info).to(device)
-    controlnet = None
-    if cfg.conditioning.type == "sketch":
-        # A ControlNet learns the sketch; the text-to-image UNet it steers stays frozen.
+    controlnet = adapter = None
+    if cfg.conditioning.type != "text":
+        # A ControlNet (sketch) or an image-prompt adapter (style) learns the condition; the text-to-image
+        # UNet they steer stays frozen.
         unet.requires_grad_(False).eval()
         torch.manual_seed(t.seed)
-        controlnet = build_controlnet(unet, vae_info.downsample).to(device)
+        if cfg.conditioning.type == "sketch":
+            controlnet = build_controlnet(unet, vae_info.downsample).to(device)
+        else:
+            st = cfg.conditioning.style
+            adapter = build_style_adapter(unet, cfg.data.resolution, st.encoder_width, st.encoder_layers).to(device)
+            reference_processor = style_processor(cfg.data.resolution)
     # The bare module: it shares its parameters with whatever wraps it below (compile, DDP), and is
     # what EMA, checkpoints, validation and export use (its state-dict keys carry no wrapper prefix).
-    base = controlnet if controlnet is not None else unet  # the module that trains
-    frozen_modules = [unet] if controlnet is not None else []
+    base = controlnet if controlnet is not None else adapter if adapter is not None else unet  # what trains
+    frozen_modules = [unet] if base is not unet else []
+    # What the export holds as the UNet: for a style run the pretrained one, without the adapter's processors.
+    export_unet = build_unet(cfg, vae_info, text_info) if adapter is not None else unet
     scheduler = build_scheduler(cfg.model.scheduler)
     if t.gradient_checkpointing:
         for module in [base, *frozen_modules]:
-            module.enable_gradient_checkpointing()
+            if hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
     if t.attention == "xformers":
         try:
             for module in [base, *frozen_modules]:
@@ -344,11 +372,17 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
             sketch = (encoded.sketches(batch["index"], batch["position"]) if encoded is not None else
                       sketch_from_pixels(batch["pixel_values"], cfg.conditioning.sketch.threshold)).to(device)
             keep = ~drop_sketch(t.seed, [int(p) for p in batch["position"]], cfg.conditioning.sketch.dropout)
+        reference = None
+        if adapter is not None:
+            indices = [int(i) for i in batch["index"]]
+            reference = reference_processor([style_reference(stream.source, i) for i in indices],
+                                            return_tensors="pt").pixel_values.to(device)
+            keep = ~drop_sketch(t.seed, [int(p) for p in batch["position"]], cfg.conditioning.style.dropout, 12)
         with accelerator.accumulate(model), accelerator.autocast():
-            loss = train_step(unet if controlnet is not None else model, scheduler, latents, prompt_embeds,
+            loss = train_step(unet if base is not unet else model, scheduler, latents, prompt_embeds,
                               draws.noise.to(device), draws.timesteps.to(device), cfg.model.scheduler.prediction_type,
                               t.snr_gamma, controlnet=model if controlnet is not None else None, sketch=sketch,
-                              keep=keep)
+                              keep=keep, adapter=model if adapter is not None else None, reference=reference)
             accelerator.backward(loss)
             running += loss.detach() / k_accum
             if not accelerator.sync_gradients:
@@ -390,12 +424,12 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
             save_training_state(ckpt_root, step, step * k_accum, base, ema, optimizer, lr_schedule, accelerator,
                                 cfg, t.checkpoints_total_limit)
             if publisher is not None and main and step < t.max_steps and not publisher.busy:
-                _push_checkpoint(publisher, cfg, step, frozen, unet, controlnet, ema, scheduler,
+                _push_checkpoint(publisher, cfg, step, frozen, export_unet, controlnet, adapter, ema, scheduler,
                                  out / "hub_staging")
         if t.validate_every and step % t.validate_every == 0 and step < t.max_steps and main:
             with ema_weights(base, ema if t.ema_for_export else None):
-                validate(cfg, step, frozen, unet, scheduler, out, accelerator, controlnet, stream)
-                if controlnet is None:  # (the loss per timestep bucket is the text model's measure)
+                validate(cfg, step, frozen, unet, scheduler, out, accelerator, controlnet, stream, adapter)
+                if base is unet:  # (the loss per timestep bucket is the text model's measure)
                     _log_validation_loss(cfg, step, stream, val_set, frozen, unet, scheduler, out, accelerator)
             base.train()
     bar.close()
@@ -406,11 +440,11 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
         base.eval()
         with ema_weights(base, ema if t.ema_for_export else None):
             tokenizer, text_encoder = frozen.text
-            export_pipeline(folder, frozen.vae.to(torch.float32), text_encoder, tokenizer, unet, scheduler, cfg,
-                            controlnet=controlnet)
+            export_pipeline(folder, frozen.vae.to(torch.float32), text_encoder, tokenizer, export_unet, scheduler,
+                            cfg, controlnet=controlnet, style_adapter=adapter)
             if t.validate_every:
-                validate(cfg, step, frozen, unet, scheduler, out, accelerator, controlnet, stream)
-            if controlnet is None:
+                validate(cfg, step, frozen, unet, scheduler, out, accelerator, controlnet, stream, adapter)
+            if base is unet:
                 _log_validation_loss(cfg, step, stream, val_set, frozen, unet, scheduler, out, accelerator)
         grids = sorted((out / "validation").glob("step_*.png"))
         write_model_card(folder, cfg, images=tuple(grids[-1:]))

@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--strength", type=float, default=0.6, help="image-to-image: 0 keeps the input, 1 ignores it")
     p.add_argument("--sketch", help="a sketch for a ControlNet pipeline (white lines on black)")
     p.add_argument("--conditioning-scale", type=float, default=1.0, help="how strongly the sketch steers")
+    p.add_argument("--style", help="a reference picture for a style-adapter pipeline")
+    p.add_argument("--style-scale", type=float, default=1.0, help="how strongly the reference's style steers")
     p.add_argument("--out", default="outputs/samples")
     a = p.parse_args()
     prompts = list(a.prompt)
@@ -44,7 +46,8 @@ def main() -> None:
                        width=a.width, num_images_per_prompt=a.num_images, batch_size=a.batch_size, device=a.device,
                        guidance_rescale=a.guidance_rescale, strength=a.strength,
                        init_image=Image.open(a.init_image) if a.init_image else None,
-                       sketch=Image.open(a.sketch) if a.sketch else None, conditioning_scale=a.conditioning_scale)
+                       sketch=Image.open(a.sketch) if a.sketch else None, conditioning_scale=a.conditioning_scale,
+                       style=Image.open(a.style) if a.style else None, style_scale=a.style_scale)
     paths = save_generations(results, a.out)
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
 

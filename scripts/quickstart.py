@@ -3,13 +3,14 @@
     python scripts/quickstart.py                       # configs/quickstart.yaml
     python scripts/quickstart.py train.max_steps=200   # any dotted override
 
-Writes outputs/quickstart/{vae,text2img/pipeline,samples,probe} and prints the checker's accuracy on
+Writes outputs/quickstart/{vae,text2img/pipeline,samples,probe} (the parent of train.output_dir) and prints the checker's accuracy on
 every colour × shape × position prompt (216 prompts × 2 seeds = 432 images), separately for the
 combinations seen in training and those held out of it (data.shapes.holdout).
 """
 
 import json
 import time
+from pathlib import Path
 
 from ldm.autoencoder import train_autoencoder
 from ldm.config import argument_parser, load_config
@@ -31,10 +32,11 @@ def main() -> None:
     s = cfg.sample
     samples = generate(pipe, s.prompts, guidance_scale=s.guidance_scale, num_inference_steps=s.num_inference_steps,
                        sampler=s.sampler, seed=s.seed, num_images_per_prompt=4)
-    grid = save_generations(samples, "outputs/quickstart/samples", grid_columns=4)[-1]
+    root = Path(cfg.train.output_dir).parent  # outputs/quickstart for the quickstart config
+    grid = save_generations(samples, root / "samples", grid_columns=4)[-1]
     probe = shapes_probe(pipe, seeds=range(args.seeds), sampler=s.sampler,
                          num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale)
-    probe_grid = save_probe(probe, "outputs/quickstart/probe", {"sampler": s.sampler,
+    probe_grid = save_probe(probe, root / "probe", {"sampler": s.sampler,
                             "num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale})
     split = split_scores(probe, parse_holdout(cfg.data.shapes.holdout))
     print(f"sample grid: {grid}\nprobe grid: {probe_grid}")

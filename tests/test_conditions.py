@@ -173,3 +173,79 @@ def test_generate_script_takes_an_init_image_and_a_sketch(text_model, sketch_mod
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert (out / "0000_seed0.png").is_file()
     assert saved_holdout(sketch_model) == []  # read as plain YAML, whether or not the base model is still there
+
+
+@pytest.fixture(scope="module")
+def style_model(tiny, tmp_path_factory) -> Path:
+    """A text model on styled shapes (white / grey / dark backgrounds), then a 3-step style adapter on it."""
+    from ldm.train import train
+
+    root = tmp_path_factory.mktemp("style")
+    styled = ["data.shapes.styles=[white, grey, dark]"]
+    base = train(load_config(None, tiny_overrides(tiny, root / "base") + styled), show_progress=False)
+    cfg = load_config(None, [f"model.pretrained={base}", "conditioning.type=style", "conditioning.style.encoder_width=16",
+                             "conditioning.style.encoder_layers=1", "data.dataset=shapes", "data.resolution=16",
+                             "data.shapes.num_images=32", f"train.output_dir={root / 'adapter'}", "train.batch_size=4",
+                             "train.max_steps=3", "train.lr=1e-3", "train.report_to=none", "train.validate_every=2",
+                             "train.checkpoint_every=2", "train.ema_decay=0.9", f"sample.prompts={PROMPTS}",
+                             "sample.num_inference_steps=3", "sample.guidance_scale=3.0", *styled])
+    return train(cfg, show_progress=False)
+
+
+def test_style_run_exports_an_ip_adapter_that_plain_diffusers_reproduces(style_model):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from ldm.pipeline import generate, make_scheduler
+
+    run = style_model.parent
+    assert (run / "checkpoints" / "step_000003" / "style_adapter.safetensors").is_file()
+    assert list((run / "validation").glob("step_*.png"))
+    weights = load_file(style_model / "ip_adapter" / "ip_adapter.safetensors")
+    assert "image_proj.proj.weight" in weights and "ip_adapter.1.to_k_ip.weight" in weights
+    base = Path(load_config(style_model / "ldm_config.yaml").model.pretrained)
+    a = load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(style_model / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the text model, untouched
+    reference = render(ShapeSpec("green", "cross", "top left"), 16, style="dark")
+    ours = generate(style_model, PROMPTS[:1], style=reference, style_scale=0.8, num_inference_steps=3,
+                    guidance_scale=3.0, seed=2)[0].image
+    pipe = StableDiffusionPipeline.from_pretrained(style_model)
+    pipe.load_ip_adapter(str(style_model), subfolder="ip_adapter", weight_name="ip_adapter.safetensors")
+    pipe.set_ip_adapter_scale(0.8)
+    pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
+    theirs = pipe(PROMPTS[:1], ip_adapter_image=reference, num_inference_steps=3, guidance_scale=3.0,
+                  generator=[torch.Generator().manual_seed(2)]).images[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    plain = generate(style_model, PROMPTS[:1], num_inference_steps=3, guidance_scale=3.0, seed=2)[0].image
+    assert plain.size == (16, 16)  # without a reference it draws from the text alone
+
+
+def test_style_references_share_the_style_not_the_content():
+    from ldm.shapes import ShapesDataset, read_image
+
+    data = ShapesDataset(30, 32, styles=["white", "grey", "dark"])
+    for i in range(30):
+        image, reference = read_image(data[i]["image"]), read_image(data.reference(i))
+        assert image.style == reference.style == data.style(i)
+        assert reference.shape != data.spec(i).shape
+    assert {data.style(i) for i in range(30)} == {"white", "grey", "dark"}
+
+
+def test_style_probe_and_generate_script(style_model, tmp_path):
+    from ldm.evaluation import style_probe
+    from ldm.shapes import all_specs
+
+    scores, grids = style_probe(style_model, specs=all_specs()[::27], num_inference_steps=2)
+    assert scores["n"] == 8 and all(0.0 <= v <= 1.0 for k, v in scores.items() if k != "n")
+    assert [label for label, _ in grids] == ["reference", "generated"]
+    render(ShapeSpec("red", "square", "left"), 16, style="grey").save(tmp_path / "reference.png")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "scripts/generate.py", "--model", str(style_model), "--prompt", PROMPTS[0],
+                           "--style", str(tmp_path / "reference.png"), "--style-scale", "0.5", "--steps", "3",
+                           "--out", str(tmp_path / "out")], cwd=root, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from ldm.images import read_png_params
+
+    assert read_png_params(tmp_path / "out" / "0000_seed0.png")["style_scale"] == 0.5
