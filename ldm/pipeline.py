@@ -84,14 +84,15 @@ def load_pipeline(path: str | Path, device: Union[str, torch.device] = "cpu",
     return pipe.to(device)
 
 
-def _style_embeds(pipe, references: Optional[list], n: int, guidance_scale: float) -> torch.Tensor:
-    """(2n or n, 1, D): zero embeddings for the unconditional half (as Diffusers makes them), then each
-    reference's own; all zeros without references (the scale is 0 then, too)."""
+def _style_embeds(pipe, reference: Optional[Image.Image], guidance_scale: float) -> torch.Tensor:
+    """(2 or 1, 1, D): the zero embedding of the unconditional half (as Diffusers makes it), then the
+    reference's own (zeros without a reference; the scale is 0 then, too). The pipeline repeats it
+    over the call's batch."""
     device = pipe._execution_device
-    if references:
-        embeds = torch.cat([pipe.encode_image(r, device, 1)[0] for r in references])
+    if reference is not None:
+        embeds = pipe.encode_image(reference, device, 1)[0]
     else:
-        embeds = torch.zeros(n, pipe.image_encoder.config.projection_dim, device=device)
+        embeds = torch.zeros(1, pipe.image_encoder.config.projection_dim, device=device)
     if guidance_scale > 1.0:
         embeds = torch.cat([torch.zeros_like(embeds), embeds])
     return embeds[:, None]
@@ -182,16 +183,20 @@ def generate(
     jobs = [(p, seed + j, k) for j, (k, p) in
             enumerate((k, p) for k, p in enumerate(prompts) for _ in range(num_images_per_prompt))]
     out: list[Generated] = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
+    # Diffusers repeats one set of image embeddings over a call's whole batch, so different references
+    # cannot share a call: with per-prompt references each prompt gets its own calls.
+    groups = [[job for job in jobs if job[2] == k] for k in range(len(prompts))] \
+        if styled and references and not isinstance(style, Image.Image) else [jobs]
+    chunks = [group[i:i + batch_size] for group in groups for i in range(0, len(group), batch_size)]
+    for chunk in chunks:
         generators = [torch.Generator(device="cpu").manual_seed(s) for _, s, _ in chunk]
         common = dict(prompt=[p for p, _, _ in chunk],
                       negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
                       guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                       generator=generators, output_type="pil")
-        if styled:  # one reference per image: embeddings computed here, as the pipeline would for one
-            common["ip_adapter_image_embeds"] = [_style_embeds(pipe, [references[k] for _, _, k in chunk]
-                                                               if references else None, len(chunk), guidance_scale)]
+        if styled:  # the chunk's one reference (or none: zero embeddings at scale 0), embedded as Diffusers does
+            common["ip_adapter_image_embeds"] = [_style_embeds(pipe, references[chunk[0][2]] if references else None,
+                                                               guidance_scale)]
         if inits:
             images = runner(image=[inits[k] for _, _, k in chunk], strength=strength, **common).images
         elif sketches:

@@ -356,8 +356,8 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
     running, window_start, window_steps, bad_streak = torch.zeros((), device=device), time.time(), 0, 0
     publisher = BackgroundPublisher(cfg.hub.repo_id, cfg.hub.private, cfg.hub.retries, accelerator.print) \
         if cfg.hub.push_checkpoints else None
-    bar = tqdm(total=t.max_steps, initial=step, desc=f"stage 2 ({'ControlNet' if controlnet is not None else 'UNet'})",
-               disable=not (show_progress and main))
+    trains = {"text": "UNet", "sketch": "ControlNet", "style": "style adapter"}[cfg.conditioning.type]
+    bar = tqdm(total=t.max_steps, initial=step, desc=f"stage 2 ({trains})", disable=not (show_progress and main))
     model.train()
     for batch in iterate_batches(stream, sampler, encoded, cfg.data.num_workers, device.type == "cuda"):
         draws = draw_samples(t.seed, batch["position"], latent_shape, cfg.model.scheduler.num_train_timesteps,

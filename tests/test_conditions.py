@@ -217,6 +217,12 @@ def test_style_run_exports_an_ip_adapter_that_plain_diffusers_reproduces(style_m
     theirs = pipe(PROMPTS[:1], ip_adapter_image=reference, num_inference_steps=3, guidance_scale=3.0,
                   generator=[torch.Generator().manual_seed(2)]).images[0]
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    # Different references in one call must not mix (Diffusers repeats one embedding over a call's batch).
+    other = render(ShapeSpec("blue", "circle", "right"), 16, style="white")
+    both = generate(style_model, PROMPTS, style=[reference, other], num_inference_steps=3, guidance_scale=3.0, seed=2)
+    alone = [generate(style_model, [PROMPTS[j]], style=ref, num_inference_steps=3, guidance_scale=3.0,
+                      seed=2 + j)[0] for j, ref in enumerate([reference, other])]
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(both, alone))
     plain = generate(style_model, PROMPTS[:1], num_inference_steps=3, guidance_scale=3.0, seed=2)[0].image
     assert plain.size == (16, 16)  # without a reference it draws from the text alone
 
