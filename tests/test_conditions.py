@@ -255,3 +255,32 @@ def test_style_probe_and_generate_script(style_model, tmp_path):
     from ldm.images import read_png_params
 
     assert read_png_params(tmp_path / "out" / "0000_seed0.png")["style_scale"] == 0.5
+
+
+@pytest.mark.parametrize("condition", ["sketch", "style"])
+def test_conditions_train_on_two_processes(condition, text_model, style_model, tmp_path):
+    """accelerate launch, 2 CPU processes (gloo): the ControlNet / the adapter end identical on both ranks."""
+    from conftest import write_config
+
+    base = text_model if condition == "sketch" else load_config(style_model / "ldm_config.yaml").model.pretrained
+    overrides = _sketch_overrides(Path(base), tmp_path / "run")
+    overrides = [o for o in overrides if not o.startswith(("conditioning.type", "train.validate_every"))] + [
+        f"conditioning.type={condition}", "train.validate_every=0", "conditioning.style.encoder_width=16",
+        "conditioning.style.encoder_layers=1", f"data.cache_dir={tmp_path / 'cache'}"]
+    if condition == "style":
+        overrides.append("data.shapes.styles=[white, grey, dark]")
+    config = write_config(tmp_path / "run.yaml", overrides)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "scripts/train_text2img.py", "--config", str(config)],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "final weights agree on 2 process(es)" in proc.stdout
+    name = "controlnet" if condition == "sketch" else "style_adapter"
+    assert (tmp_path / "run" / "checkpoints" / "step_000003" / f"{name}.safetensors").is_file()
+    # and the run resumes from its checkpoint on one process
+    from ldm.train import train
+
+    train(load_config(config, ["train.max_steps=4", "train.resume=latest"]), show_progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "step_000004" / f"{name}.safetensors").is_file()
