@@ -59,12 +59,29 @@ STAND_IN_TEXT_ENCODERS = {
 }
 
 
+def save_letter_tokenizer(folder: Path, model_max_length: int):
+    """A CLIP tokenizer whose vocabulary is single letters (ids 0/1: start/end): a valid byte-pair
+    tokenizer without the real 49,408-token vocabulary, for stand-ins and tests. Returns it."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in list(letters) + [c + "</w>" for c in letters]:
+        vocab[token] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
 def save_stand_ins(cfg: Config, folder: Path) -> list[str]:
     """Random-weight copies of the Hub components in `cfg` that have a known architecture, saved under `folder`;
     returns the config overrides that point at them. The tokenizer is a small letter-level BPE (tokenizing is not
     what a benchmark measures); the text model keeps the real vocabulary size and 77 positions."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     overrides = []
     vae_arch = STAND_IN_VAES.get(cfg.model.vae.path)
@@ -77,14 +94,7 @@ def save_stand_ins(cfg: Config, folder: Path) -> list[str]:
     text_arch = STAND_IN_TEXT_ENCODERS.get(cfg.model.text_encoder.path)
     if text_arch is not None:
         out = folder / "text_encoder"
-        out.mkdir(parents=True, exist_ok=True)
-        letters = "abcdefghijklmnopqrstuvwxyz"
-        vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-        for token in list(letters) + [c + "</w>" for c in letters]:
-            vocab[token] = len(vocab)
-        (out / "vocab.json").write_text(json.dumps(vocab))
-        (out / "merges.txt").write_text("#version: 0.2\n")
-        CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77).save_pretrained(out)
+        save_letter_tokenizer(out, 77)
         torch.manual_seed(0)
         CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
                                      bos_token_id=0, eos_token_id=1, pad_token_id=1, **text_arch)).save_pretrained(out)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -62,11 +61,9 @@ from ldm.conditions import (
 from ldm.config import Config, ConfigError, save_config
 from ldm.data import SampleStream, StreamBatches
 from ldm.diffusion import SampleDraws, diffusion_loss, draw_samples, min_snr_weights, snr, training_target
-from ldm.evaluation import encode_images, validation_loss
 from ldm.hub import BackgroundPublisher, publish, write_model_card
-from ldm.images import make_grid, save_png, to_pil
 from ldm.sources import open_audited
-from ldm.pipeline import assemble_pipeline, generate
+from ldm.validation import ema_weights, log_validation_loss, validate
 
 
 def set_tf32(allow: bool) -> None:
@@ -140,23 +137,6 @@ def iterate_batches(stream: SampleStream, sampler: StreamBatches, encoded: Optio
     yield from loader
 
 
-def _log_validation_loss(cfg: Config, step: int, stream: SampleStream, val_set: list, frozen: FrozenEncoders,
-                         unet, scheduler, out: Path, accelerator: Accelerator) -> None:
-    """Loss per timestep bucket on the held-back samples (fixed draws); appended to validation_loss.jsonl."""
-    n = cfg.data.validation_images
-    if not n:
-        return
-    if not val_set:
-        items = [stream.source.get(i) for i in range(stream.size, stream.size + n)]
-        val_set += encode_images(frozen.vae, *frozen.text, [im for im, _ in items], [c for _, c in items],
-                                 cfg.data.resolution)
-    losses = validation_loss(unet, scheduler, *val_set, cfg.model.scheduler.prediction_type, seed=cfg.train.seed)
-    accelerator.log({f"val/loss_{k}": v for k, v in losses.items()}, step=step)
-    with (out / "validation_loss.jsonl").open("a") as f:
-        f.write(json.dumps({"step": step, **losses}) + "\n")
-    accelerator.print(f"step {step}: validation loss {losses['mean']:.4f} on {n} held-back images")
-
-
 def _record(path: Path, step: int, batch: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps({"step": step, "positions": list(map(int, batch["position"])),
@@ -170,57 +150,6 @@ def _check_ranks_agree(accelerator: Accelerator, unet) -> None:
     if not torch.all(sums == sums[0]):
         raise RuntimeError(f"processes ended with different UNet weights (checksums {sums.tolist()})")
     accelerator.print(f"final weights agree on {accelerator.num_processes} process(es): checksum {sums[0].item():.10e}")
-
-
-@contextmanager
-def ema_weights(unet, ema: Optional[EMAModel]):
-    """Temporarily swap the EMA weights into `unet` (training weights restored afterwards)."""
-    if ema is None:
-        yield
-        return
-    ema.store(unet.parameters())
-    ema.copy_to(unet.parameters())
-    try:
-        yield
-    finally:
-        ema.restore(unet.parameters())
-
-
-def validate(cfg: Config, step: int, frozen: FrozenEncoders, unet, scheduler, out: Path,
-             accelerator: Accelerator, controlnet=None, stream: Optional[SampleStream] = None,
-             adapter=None) -> Path:
-    """Fixed prompts and seed → a PNG grid (and TensorBoard images). With a ControlNet, prompt k is drawn
-    on the sketch of stream sample k; with a style adapter, in the style of that sample's reference (the
-    sketches or references lead the grid)."""
-    tokenizer, text_encoder = frozen.text
-    pipe = assemble_pipeline(frozen.vae, text_encoder, tokenizer, unet, scheduler, sampler=cfg.sample.sampler,
-                             controlnet=controlnet, image_encoder=adapter.image_encoder if adapter else None,
-                             feature_extractor=style_processor(cfg.data.resolution) if adapter else None)
-    s = cfg.sample
-    sketches = references = None
-    if adapter is not None:
-        assert stream is not None
-        references = [style_reference(stream.source, stream.index_of(k)) for k in range(len(s.prompts))]
-    if controlnet is not None:
-        assert stream is not None
-        pixels = torch.stack([stream[k]["pixel_values"] for k in range(len(s.prompts))])
-        sketches = [to_pil(x) for x in sketch_from_pixels(pixels, cfg.conditioning.sketch.threshold) * 2 - 1]
-    results = generate(pipe, s.prompts, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale,
-                       num_inference_steps=s.num_inference_steps, sampler=s.sampler, seed=s.seed,
-                       num_images_per_prompt=s.num_images_per_prompt, batch_size=s.batch_size,
-                       device=accelerator.device, sketch=sketches,
-                       conditioning_scale=cfg.conditioning.sketch.conditioning_scale, style=references,
-                       style_scale=cfg.conditioning.style.scale)
-    images = (sketches or references or []) + [r.image for r in results]
-    path = save_png(make_grid(images), out / "validation" / f"step_{step:06d}.png",
-                    {"step": step, "prompts": list(s.prompts), "seed": s.seed, "sampler": s.sampler})
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            import numpy as np
-
-            tracker.log_images({"validation": np.stack([np.asarray(i) for i in images])}, step=step,
-                               dataformats="NHWC")
-    return path
 
 
 def _push_checkpoint(publisher: BackgroundPublisher, cfg: Config, step: int, frozen: FrozenEncoders, unet,
@@ -430,7 +359,7 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
             with ema_weights(base, ema if t.ema_for_export else None):
                 validate(cfg, step, frozen, unet, scheduler, out, accelerator, controlnet, stream, adapter)
                 if base is unet:  # (the loss per timestep bucket is the text model's measure)
-                    _log_validation_loss(cfg, step, stream, val_set, frozen, unet, scheduler, out, accelerator)
+                    log_validation_loss(cfg, step, stream, val_set, frozen, unet, scheduler, out, accelerator)
             base.train()
     bar.close()
     # 8. Export (EMA weights by default) and a last validation grid.
@@ -445,7 +374,7 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
             if t.validate_every:
                 validate(cfg, step, frozen, unet, scheduler, out, accelerator, controlnet, stream, adapter)
             if base is unet:
-                _log_validation_loss(cfg, step, stream, val_set, frozen, unet, scheduler, out, accelerator)
+                log_validation_loss(cfg, step, stream, val_set, frozen, unet, scheduler, out, accelerator)
         grids = sorted((out / "validation").glob("step_*.png"))
         write_model_card(folder, cfg, images=tuple(grids[-1:]))
         if publisher is not None:

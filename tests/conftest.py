@@ -42,22 +42,16 @@ def _tiny_bert(folder: Path) -> Path:
 
 def _tiny_clip(folder: Path) -> Path:
     """A 2-layer CLIP text model with a small byte-pair vocabulary written here."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    folder.mkdir(parents=True, exist_ok=True)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in list(letters) + [c + "</w>" for c in letters]:
-        vocab[token] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=24)
+    from ldm.benchmark import save_letter_tokenizer
+
+    tokenizer = save_letter_tokenizer(folder, 24)
     torch.manual_seed(0)
-    model = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
                                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=24,
                                          bos_token_id=0, eos_token_id=1, pad_token_id=1))
     model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
     return folder
 
 
