@@ -20,6 +20,7 @@ from PIL import Image
 
 from ldm.diffusion import mix_seed
 
+SKETCH_STREAM, STYLE_STREAM = 11, 12  # generator streams of the condition-dropout draws
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
 
 
@@ -55,8 +56,8 @@ def build_controlnet(unet: UNet2DConditionModel, vae_downsample: int) -> Control
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
 
 
-def drop_sketch(seed: int, positions: list[int], probability: float, stream: int = 11) -> torch.Tensor:
-    """(B,) bool: which samples train without their condition (sketch: stream 11, style: 12), keyed by
+def drop_condition(seed: int, positions: list[int], probability: float, stream: int) -> torch.Tensor:
+    """(B,) bool: which samples train without their condition (SKETCH_STREAM or STYLE_STREAM), keyed by
     (seed, position) like every draw (a separate stream, so noise, timestep and caption draws are unchanged)."""
     return torch.tensor([torch.rand(1, generator=torch.Generator().manual_seed(mix_seed(seed, stream, p))).item()
                          < probability for p in positions], dtype=torch.bool)

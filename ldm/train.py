@@ -1,10 +1,11 @@
-"""Stage 2: text-conditional latent diffusion. One loop, readable top to bottom.
+"""Stage 2: text-conditional latent diffusion, and conditions on top of it. One loop, top to bottom.
 
     1. check the config against the components' own configs (no weights yet)
     2. accelerator, output folder, resolved config
     3. data (columns checked before any model is built)
-    4. components: frozen VAE + text encoder, trainable UNet, DDPM noise scheduler
-    5. optionally encode the whole dataset once (small datasets)
+    4. components: frozen VAE + text encoder, DDPM noise scheduler, and what trains: the UNet, or
+       (conditioning.type sketch / style) a ControlNet / an image-prompt adapter on the frozen UNet
+    5. optionally fill the fingerprinted cache (latents, prompt embeddings, sketches)
     6. optimiser, LR schedule, EMA
     7. the loop: draws → latents + prompt_embeds → train_step → backward → clip → guard → step → EMA
        → log / checkpoint / validate
@@ -50,10 +51,12 @@ from ldm.components import (
     unet_flops_per_image,
 )
 from ldm.conditions import (
+    SKETCH_STREAM,
+    STYLE_STREAM,
     build_controlnet,
     build_style_adapter,
     controlled_prediction,
-    drop_sketch,
+    drop_condition,
     sketch_from_pixels,
     style_processor,
     style_reference,
@@ -77,7 +80,8 @@ def train_step(unet, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tens
                sketch: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None, adapter=None,
                reference: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Loss of one micro-batch: noise the latents to t, predict, MSE against ε (or v), min-SNR weights.
-    With a ControlNet, the (frozen) UNet predicts with its residuals from `sketch` (zeroed where not `keep`)."""
+    With a ControlNet, the (frozen) UNet predicts with its residuals from `sketch`; with a style adapter,
+    with image tokens from `reference` (either zeroed where not `keep`)."""
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # √ᾱ_t x₀ + √(1−ᾱ_t) ε
     if controlnet is not None:
         model_pred = controlled_prediction(unet, controlnet, noisy_latents, timesteps, prompt_embeds, sketch,
@@ -113,7 +117,7 @@ def dry_run_report(cfg: Config, vae: VAEInfo, text: TextEncoderInfo) -> dict:
 
 
 def encode_batch(batch, draws: SampleDraws, encoded: Optional[EncodedDataset], frozen: FrozenEncoders,
-                        device) -> tuple[torch.Tensor, torch.Tensor]:
+                 device) -> tuple[torch.Tensor, torch.Tensor]:
     """latents (B, C, h, w) × scaling_factor and prompt_embeds (B, L, D) for one micro-batch."""
     if encoded is not None:
         return (encoded.latents(batch["index"], batch["position"], draws.latent_eps).to(device),
@@ -126,7 +130,7 @@ def encode_batch(batch, draws: SampleDraws, encoded: Optional[EncodedDataset], f
 
 
 def iterate_batches(stream: SampleStream, sampler: StreamBatches, encoded: Optional[EncodedDataset],
-             num_workers: int, pin_memory: bool) -> Iterator[dict]:
+                    num_workers: int, pin_memory: bool) -> Iterator[dict]:
     """Micro-batches in stream order: indices only when pre-encoded, decoded images otherwise."""
     if encoded is not None:
         for positions in sampler:
@@ -148,7 +152,7 @@ def _check_ranks_agree(accelerator: Accelerator, unet) -> None:
     checksum = torch.stack([p.detach().double().sum() for p in unet.parameters()]).sum().reshape(1)
     sums = accelerator.gather(checksum.to(accelerator.device))
     if not torch.all(sums == sums[0]):
-        raise RuntimeError(f"processes ended with different UNet weights (checksums {sums.tolist()})")
+        raise RuntimeError(f"processes ended with different weights (checksums {sums.tolist()})")
     accelerator.print(f"final weights agree on {accelerator.num_processes} process(es): checksum {sums[0].item():.10e}")
 
 
@@ -167,7 +171,7 @@ def _push_checkpoint(publisher: BackgroundPublisher, cfg: Config, step: int, fro
 
 
 def train(cfg: Config, show_progress: bool = True) -> Path:
-    """Train the UNet as configured; returns the exported pipeline folder."""
+    """Train as configured (the UNet, or a ControlNet / style adapter on it); returns the exported pipeline."""
     t = cfg.train
     # 1. Config against the components' own configs, before anything heavy.
     vae_info, text_info = check_components(cfg)
@@ -300,13 +304,15 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
         if controlnet is not None:
             sketch = (encoded.sketches(batch["index"], batch["position"]) if encoded is not None else
                       sketch_from_pixels(batch["pixel_values"], cfg.conditioning.sketch.threshold)).to(device)
-            keep = ~drop_sketch(t.seed, [int(p) for p in batch["position"]], cfg.conditioning.sketch.dropout)
+            keep = ~drop_condition(t.seed, [int(p) for p in batch["position"]], cfg.conditioning.sketch.dropout,
+                                  SKETCH_STREAM)
         reference = None
         if adapter is not None:
             indices = [int(i) for i in batch["index"]]
             reference = reference_processor([style_reference(stream.source, i) for i in indices],
                                             return_tensors="pt").pixel_values.to(device)
-            keep = ~drop_sketch(t.seed, [int(p) for p in batch["position"]], cfg.conditioning.style.dropout, 12)
+            keep = ~drop_condition(t.seed, [int(p) for p in batch["position"]], cfg.conditioning.style.dropout,
+                                  STYLE_STREAM)
         with accelerator.accumulate(model), accelerator.autocast():
             loss = train_step(unet if base is not unet else model, scheduler, latents, prompt_embeds,
                               draws.noise.to(device), draws.timesteps.to(device), cfg.model.scheduler.prediction_type,
