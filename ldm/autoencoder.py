@@ -99,7 +99,8 @@ def train_autoencoder(cfg: Config, show_progress: bool = True) -> Path:
     # 4. Held-out PSNR and the latent scaling factor.
     vae.eval()
     held_psnr = evaluate_autoencoder(vae, held_out)
-    sample_batches = [next(iter(torch.utils.data.DataLoader(stream, batch_sampler=StreamBatches(a.batch_size, k, k + 1))))
+    sample_batches = [next(iter(torch.utils.data.DataLoader(
+        stream, batch_sampler=StreamBatches(a.batch_size, k, k + 1))))
                       ["pixel_values"] for k in range(4)]
     scaling = latent_scaling_factor(vae, sample_batches, generator)
     vae.register_to_config(scaling_factor=scaling)

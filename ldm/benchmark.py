@@ -1,6 +1,7 @@
 """Throughput and memory, measured on the training loop's own code path, as ratios within one run.
 
-Training: images/s and s/step after warm-up (median of several windows), on-the-fly decoding and
+Training: `train()` itself, timed through its per-step hook: images/s and s/step after warm-up (median of
+several windows), on-the-fly decoding and
 encoding against the fingerprinted cache, peak memory (RSS on CPU, max allocated on CUDA), the
 analytic UNet FLOPs per image and, on a GPU with a known peak, MFU. Inference: seconds per UNet
 call and per denoising step inside a real pipeline call, so the per-step overhead outside the UNet
@@ -9,7 +10,9 @@ call and per denoising step inside a real pipeline call, so the per-step overhea
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 import statistics
 import threading
 import time
@@ -32,11 +35,10 @@ from ldm.components import (
     unet_kwargs,
 )
 from ldm.config import Config
-from ldm.data import SampleStream, StreamBatches
-from ldm.diffusion import draw_samples
+from ldm.data import SampleStream
 from ldm.pipeline import assemble_pipeline
 from ldm.sources import open_audited
-from ldm.train import encode_batch, iterate_batches, set_tf32, train_step
+from ldm.train import set_tf32, train
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by substring of the device name.
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
@@ -102,30 +104,42 @@ def save_stand_ins(cfg: Config, folder: Path) -> list[str]:
     return overrides
 
 
-@contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict]:
-    """Peak RSS (sampled every 5 ms) on CPU, or CUDA max allocated, in MiB, over the block."""
-    result: dict = {}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        yield result
-        result["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        return
-    proc, peak, stop = psutil.Process(), [0], threading.Event()
+class PeakMemory:
+    """Peak RSS (sampled every 5 ms) on CPU, or CUDA max allocated, in MiB, between start() and stop()."""
 
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
+    def __init__(self, device: torch.device):
+        self.device, self._peak, self._stop, self._thread = device, 0, threading.Event(), None
+
+    def _sample(self) -> None:
+        proc = psutil.Process()
+        while not self._stop.is_set():
+            self._peak = max(self._peak, proc.memory_info().rss)
             time.sleep(0.005)
 
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        self._stop.set()
+        self._thread.join()
+        return self._peak / 2**20
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict]:
+    """PeakMemory over a block: {"peak_mib": …} once it ends."""
+    memory, result = PeakMemory(device), {}
+    memory.start()
     try:
         yield result
     finally:
-        stop.set()
-        thread.join()
-        result["peak_mib"] = peak[0] / 2**20
+        result["peak_mib"] = memory.stop()
 
 
 def _sync(device: torch.device) -> None:
@@ -141,44 +155,34 @@ class Timing:
     peak_mib: float
 
 
-def time_training(cfg: Config, stream: SampleStream, frozen: FrozenEncoders, encoded, device: torch.device,
-                  warmup: int, windows: int, window_steps: int) -> Timing:
-    """Real optimizer steps (forward, backward, AdamW) of a fresh UNet; batches as train() makes them."""
-    torch.manual_seed(0)
-    vae_info, text_info = check_components(cfg)
-    unet = build_unet(cfg, vae_info, text_info).to(device).train()
-    t = cfg.train
-    if t.channels_last:
-        unet.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=t.lr, fused=device.type == "cuda")
-    if t.compile:
-        unet = torch.compile(unet)
-    scheduler = build_scheduler(cfg.model.scheduler)
-    total = warmup + windows * window_steps
-    sampler = StreamBatches(t.batch_size, 0, total)
-    shape = (vae_info.latent_channels, cfg.data.resolution // vae_info.downsample,
-             cfg.data.resolution // vae_info.downsample)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.mixed_precision == "bf16")
+def time_training(cfg: Config, cached: bool, device: torch.device, warmup: int, windows: int, window_steps: int,
+                  out: Path) -> Timing:
+    """Optimizer steps of `train()` itself (the loop's own code path: draws, decoding and encoding or the cache,
+    the step, clipping, the guard, EMA), timed in windows after warm-up through its `on_step` hook; peak memory
+    over the same windows. Checkpoints, validation and publishing are off; the run writes into `out`."""
+    run = copy.deepcopy(cfg)
+    t = run.train
+    t.max_steps, t.checkpoint_every, t.validate_every = warmup + windows * window_steps, 0, 0
+    t.report_to, t.output_dir, t.resume = "none", str(out), None
+    run.data.cache, run.data.validation_images = cached, 0
+    run.hub.repo_id, run.hub.push_checkpoints = None, False
     marks: list[float] = []
-    with peak_memory(device) as mem:
-        for k, batch in enumerate(iterate_batches(stream, sampler, encoded, cfg.data.num_workers, device.type == "cuda")):
-            if k >= warmup and (k - warmup) % window_steps == 0:
-                _sync(device)
-                marks.append(time.perf_counter())
-            draws = draw_samples(t.seed, batch["position"], shape, cfg.model.scheduler.num_train_timesteps,
-                                 cfg.data.caption_dropout)
-            latents, embeds = encode_batch(batch, draws, encoded, frozen, device)
-            with autocast:
-                loss = train_step(unet, scheduler, latents, embeds, draws.noise.to(device),
-                                  draws.timesteps.to(device), cfg.model.scheduler.prediction_type, t.snr_gamma)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        marks.append(time.perf_counter())
+    memory, peak = PeakMemory(device), [0.0]
+
+    def on_step(step: int) -> None:
+        if step >= warmup and (step - warmup) % window_steps == 0:
+            _sync(device)
+            marks.append(time.perf_counter())
+            if step == warmup:
+                memory.start()
+            if step == t.max_steps:
+                peak[0] = memory.stop()
+
+    shutil.rmtree(out, ignore_errors=True)
+    train(run, show_progress=False, on_step=on_step)
     per_window = [b - a for a, b in zip(marks, marks[1:])]
     s_step = statistics.median(per_window) / window_steps
-    return Timing(s_step, t.batch_size / s_step, per_window, mem["peak_mib"])
+    return Timing(s_step, t.batch_size / s_step, per_window, peak[0])
 
 
 def time_inference(cfg: Config, frozen: FrozenEncoders, device: torch.device, steps: int, batch: int,
@@ -243,14 +247,15 @@ def run_benchmark(cfg: Config, warmup: int = 3, windows: int = 5, window_steps: 
     vae_info, text_info = check_components(cfg)
     stream = SampleStream(open_audited(cfg.data), cfg.data, cfg.train.seed)
     frozen = FrozenEncoders(cfg.model, device)
-    on_the_fly = None if cached_only else time_training(cfg, stream, frozen, None, device, warmup, windows,
-                                                        window_steps)
+    runs = Path(cfg.data.cache_dir).parent / "runs"  # what the timed train() calls write
+    on_the_fly = None if cached_only else time_training(cfg, False, device, warmup, windows, window_steps,
+                                                        runs / "on_the_fly")
     start = time.perf_counter()
-    encoded = build_cache(stream, cfg.data.cache_dir, lambda: frozen.vae, lambda: frozen.text,
-                          *cache_fingerprints(cfg, frozen), show_progress=False)
+    build_cache(stream, cfg.data.cache_dir, lambda: frozen.vae, lambda: frozen.text,
+                *cache_fingerprints(cfg, frozen), show_progress=False)
     cache_seconds = time.perf_counter() - start
-    frozen.release()  # training from the cache needs neither encoder
-    cached = time_training(cfg, stream, frozen, encoded, device, warmup, windows, window_steps)
+    frozen.release()  # training from the complete cache loads neither encoder
+    cached = time_training(cfg, True, device, warmup, windows, window_steps, runs / "cached")
     latent = cfg.data.resolution // vae_info.downsample
     flops = 3 * unet_flops_per_image(unet_kwargs(cfg.model.unet, text_info.hidden_size, latent,
                                                  vae_info.latent_channels), text_info.max_length)

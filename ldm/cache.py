@@ -179,7 +179,6 @@ def build_cache(stream: SampleStream, cache_dir: str | Path, get_vae: Callable, 
             if latent_keys[i][v] not in have]
     if mine:
         vae = get_vae()
-        scaling = vae.config.scaling_factor
         keys: list[str] = []
         means, stds = [], []
         bar = tqdm(total=len(mine), desc=f"caching latents (rank {rank})", disable=not show_progress)
@@ -187,8 +186,8 @@ def build_cache(stream: SampleStream, cache_dir: str | Path, get_vae: Callable, 
             chunk = mine[start:start + batch_size]
             images = [prepare_image(stream.source.get(i)[0], cfg, flip=variants[v]) for i, v in chunk]
             mean, std = latent_distribution(vae, torch.stack(images))
-            means.append(mean.cpu() * scaling)
-            stds.append(std.cpu() * scaling)
+            means.append(mean.cpu())
+            stds.append(std.cpu())
             keys += [latent_keys[i][v] for i, v in chunk]
             bar.update(len(chunk))
             if len(keys) >= shard_size or start + batch_size >= len(mine):

@@ -3,8 +3,9 @@
 A checkpoint is a folder `checkpoints/step_NNNNNN/` holding only safetensors and JSON (nothing is
 ever unpickled on resume):
 
-    unet.safetensors          training weights (fp32; controlnet.safetensors in a sketch run)
-    ema.safetensors           EMA shadow weights by parameter name, when EMA is on
+    <weights_file>            what trains, fp32: unet.safetensors, controlnet.safetensors,
+                              style_adapter.safetensors, or lora.safetensors (the adapter's tensors only)
+    ema.safetensors           EMA shadow weights of the trained parameters by name, when EMA is on
     optimizer.safetensors     AdamW moments and step counts; param groups in state.json
     rng_rank{r}.safetensors   torch / CUDA / NumPy generator states of process r (Python's in state.json)
     state.json                step, micro-step (the data position), LR schedule, grad scaler, EMA
@@ -22,9 +23,10 @@ import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -63,9 +65,9 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     _fsync_file(path)
 
 
-def estimate_checkpoint_bytes(unet: torch.nn.Module, with_ema: bool) -> int:
-    """UNet + EMA + two AdamW moments, fp32, plus 5 % for headers and small files."""
-    n = sum(p.numel() for p in unet.parameters())
+def estimate_checkpoint_bytes(trainable, with_ema: bool) -> int:
+    """Trained weights + EMA + two AdamW moments, fp32, plus 5 % for headers and small files."""
+    n = sum(p.numel() for p in trainable.parameters())
     return int(4 * n * (1 + int(with_ema) + 2) * 1.05) + (1 << 20)
 
 
@@ -128,12 +130,6 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def weights_name(module) -> str:
-    """The trained module's file in a checkpoint: unet.safetensors, or controlnet.safetensors."""
-    return {"ControlNetModel": "controlnet.safetensors", "StyleAdapter": "style_adapter.safetensors"}.get(
-        type(module).__name__, "unet.safetensors")
-
-
 @dataclass
 class TrainingState:
     """What the loop needs back after a resume."""
@@ -142,21 +138,21 @@ class TrainingState:
     micro_step: int
 
 
-def save_training_state(root: str | Path, step: int, micro_step: int, unet, ema, optimizer, lr_schedule,
+def save_training_state(root: str | Path, step: int, micro_step: int, trainable, ema, optimizer, lr_schedule,
                         accelerator, cfg: Config, keep: Optional[int]) -> Optional[Path]:
     """Write checkpoints/step_{step}; every process takes part (each saves its own RNG state).
 
-    `unet` is the bare module (no DDP or compile wrapper)."""
+    `trainable` (ldm.trainable) says what trains: its state, parameter names and file name."""
     root = Path(root)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
     main = accelerator.is_main_process
-    base = unet
     if main:
         # Never checkpoint non-finite weights: they would poison every resume.
-        if not all(torch.isfinite(p).all() for p in base.parameters()):
-            raise FloatingPointError(f"UNet weights are not finite at step {step}; refusing to checkpoint them")
-        check_disk_space(root, estimate_checkpoint_bytes(base, ema is not None))
+        if not all(torch.isfinite(p).all() for p in trainable.parameters()):
+            raise FloatingPointError(f"{trainable.label} weights are not finite at step {step}; refusing to "
+                                     "checkpoint them")
+        check_disk_space(root, estimate_checkpoint_bytes(trainable, ema is not None))
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
@@ -166,14 +162,15 @@ def save_training_state(root: str | Path, step: int, micro_step: int, unet, ema,
     _fsync_file(tmp / f"rng_rank{accelerator.process_index}.json")
     accelerator.wait_for_everyone()
     if main:
-        _save_tensors(dict(base.state_dict()), tmp / weights_name(base))
+        _save_tensors(trainable.state_dict(), tmp / trainable.weights_file)
         ema_meta = None
         if ema is not None:
-            # Keyed by parameter name: the file loads straight into a UNet with load_state_dict(strict=False).
-            names = [name for name, _ in base.named_parameters()]
+            # Keyed by parameter name: the file loads straight into the module with load_state_dict(strict=False).
+            names = [name for name, _ in trainable.named_parameters()]
             _save_tensors(dict(zip(names, ema.shadow_params, strict=True)), tmp / "ema.safetensors")
             ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-        opt_tensors, opt_meta = _optimizer_tensors(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+        inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer  # (accelerate wraps it)
+        opt_tensors, opt_meta = _optimizer_tensors(inner)
         _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         save_config(cfg, tmp / "config.yaml")
@@ -238,16 +235,24 @@ def find_resume_folder(resume: str, root: str | Path) -> Optional[Path]:
     return folder
 
 
-def load_training_state(folder: Path, unet, ema, optimizer, lr_schedule, accelerator) -> TrainingState:
+def load_training_state(folder: Path, trainable, ema, optimizer, lr_schedule, accelerator) -> TrainingState:
     state = json.loads((folder / "state.json").read_text())
-    base = unet  # the bare module
-    base.load_state_dict(load_file(str(folder / weights_name(base)), device=str(accelerator.device)))
+    weights = folder / trainable.weights_file
+    if not weights.is_file():
+        found = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in ("ema.safetensors",
+                                                                                       "optimizer.safetensors")
+                       and not p.name.startswith("rng_rank"))
+        raise ValueError(f"{folder} holds {', '.join(found) or 'no weights'}, not {trainable.weights_file}: it is "
+                         f"not a checkpoint of a {trainable.label} run; resume the run that wrote it with its own "
+                         "config, or start a new one in another train.output_dir")
+    trainable.load_state_dict(load_file(str(weights), device=str(accelerator.device)))
     if ema is not None:
         if not (folder / "ema.safetensors").is_file():
             raise ValueError(f"{folder} was saved without EMA but train.ema_decay is set; set train.ema_decay=null "
                              "or start a new run")
         shadow = load_file(str(folder / "ema.safetensors"))
-        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[name] for name, _ in base.named_parameters()]})
+        names = [name for name, _ in trainable.named_parameters()]
+        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[name] for name in names]})
         ema.to(accelerator.device)
     inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
     _load_optimizer(inner, load_file(str(folder / "optimizer.safetensors"), device=str(accelerator.device)),
@@ -275,17 +280,27 @@ def export_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet, sche
     where a complete one is expected. The resolved config travels with it (`ldm_config.yaml`).
     """
     folder = Path(folder)
+    with replace_folder(folder) as tmp:
+        pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, sampler=cfg.sample.sampler,
+                                 controlnet=controlnet)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        save_config(cfg, tmp / "ldm_config.yaml")
+        if style_adapter is not None:
+            from ldm.conditions import save_style_adapter
+
+            save_style_adapter(style_adapter, tmp)
+    return folder
+
+
+@contextmanager
+def replace_folder(folder: Path) -> Iterator[Path]:
+    """Write into a temporary sibling, then rename it into place: a crash never leaves half a folder
+    where a complete one is expected."""
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, sampler=cfg.sample.sampler,
-                             controlnet=controlnet)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    save_config(cfg, tmp / "ldm_config.yaml")
-    if style_adapter is not None:
-        from ldm.conditions import save_style_adapter
-
-        save_style_adapter(style_adapter, tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -294,4 +309,3 @@ def export_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet, sche
         shutil.rmtree(old)
     else:
         os.replace(tmp, folder)
-    return folder

@@ -21,7 +21,17 @@ from typing import Callable, Optional, TypeVar
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from ldm.config import Config, ConfigError, ModelConfig, SchedulerConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ldm.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    SchedulerConfig,
+    TextEncoderConfig,
+    UNetConfig,
+    VAEConfig,
+    check_config,
+    downsampling_factor,
+)
 
 T = TypeVar("T")
 
@@ -68,7 +78,7 @@ def resolve_path(path: str) -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / sub)
 
 
-def _is_local(path: str) -> bool:
+def is_local(path: str) -> bool:
     """A path that exists, or that cannot be a Hub id ("owner/name" or "name")."""
     return Path(path).expanduser().exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
 
@@ -76,12 +86,12 @@ def _is_local(path: str) -> bool:
 def _load(what: str, path: str, loader: Callable[[], T]) -> T:
     """Run a `from_pretrained` call, turning "not found / offline" into one clear message."""
     path = resolve_path(path)
-    if _is_local(path) and not Path(path).expanduser().exists():
+    if is_local(path) and not Path(path).expanduser().exists():
         raise ConfigError(f"{what}: folder {path!r} does not exist (check the path in the config)")
     try:
         return loader()
     except (OSError, ValueError) as err:
-        if _is_local(path):
+        if is_local(path):
             raise ConfigError(f"{what}: could not load from folder {path!r}: {err}") from err
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         raise ConfigError(
@@ -95,7 +105,7 @@ def _load(what: str, path: str, loader: Callable[[], T]) -> T:
 def _read_json_config(path: str, subfolder: Optional[str], filename: str) -> Optional[dict]:
     """A component's config.json from a local folder or the local HF cache; None if unavailable."""
     path = resolve_path(path)
-    if _is_local(path):
+    if is_local(path):
         file = Path(path).expanduser() / (subfolder or "") / filename
         return json.loads(file.read_text()) if file.is_file() else None
     try:
@@ -115,7 +125,7 @@ def _read_json_config(path: str, subfolder: Optional[str], filename: str) -> Opt
 def describe_vae(cfg: VAEConfig) -> VAEInfo:
     assert cfg.path is not None
     conf = _read_json_config(cfg.path, cfg.subfolder, "config.json")
-    if conf is None and _is_local(cfg.path):
+    if conf is None and is_local(cfg.path):
         raise ConfigError(
             f"model.vae.path: no AutoencoderKL config in {cfg.path!r}; train one first with "
             "scripts/train_autoencoder.py (it writes to autoencoder.output_dir) or name a Hub VAE"
@@ -128,7 +138,7 @@ def describe_vae(cfg: VAEConfig) -> VAEInfo:
             "Point it at a local AutoencoderKL folder, e.g. the output of scripts/train_autoencoder.py."
         )
     return VAEInfo(
-        downsample=2 ** (len(conf["block_out_channels"]) - 1),
+        downsample=downsampling_factor(conf["block_out_channels"]),
         latent_channels=conf["latent_channels"],
         scaling_factor=conf.get("scaling_factor", 0.18215),
     )
@@ -148,14 +158,17 @@ def describe_text_encoder(cfg: TextEncoderConfig) -> TextEncoderInfo:
     hidden = conf.get("hidden_size") or conf.get("d_model")
     limit = conf.get("max_position_embeddings") or 512
     if cfg.max_length is not None and cfg.max_length > limit:
-        raise ConfigError(f"model.text_encoder.max_length: {cfg.max_length} exceeds the encoder's limit of {limit} tokens")
+        raise ConfigError(f"model.text_encoder.max_length: {cfg.max_length} exceeds the encoder's limit of "
+                          f"{limit} tokens")
     return TextEncoderInfo(int(hidden), cfg.max_length or int(limit))
 
 
 def check_components(cfg: Config) -> tuple[VAEInfo, TextEncoderInfo]:
-    """Cross-check config and component configs (no weights): shapes must fit before we build anything."""
+    """Cross-check config and component configs (no weights): shapes must fit before we build anything.
+    Resolves `model.pretrained` first (the config then names the pipeline's components)."""
+    resolve_pretrained(cfg)
     vae, text = describe_vae(cfg.model.vae), describe_text_encoder(cfg.model.text_encoder)
-    unet_factor = 2 ** (len(cfg.model.unet.block_out_channels) - 1)
+    unet_factor = downsampling_factor(cfg.model.unet.block_out_channels)
     # StableDiffusionPipeline refuses sizes that are not multiples of 8, whatever the VAE.
     factor = math.lcm(vae.downsample * unet_factor, 8)
     if cfg.data.resolution % factor:
@@ -163,7 +176,8 @@ def check_components(cfg: Config) -> tuple[VAEInfo, TextEncoderInfo]:
         raise ConfigError(
             f"config key 'data.resolution': {cfg.data.resolution} is not divisible by {factor} "
             f"(VAE downsampling {vae.downsample} × UNet downsampling {unet_factor}, and the exported "
-            f"StableDiffusionPipeline needs multiples of 8); use a multiple of {factor}, e.g. {', '.join(map(str, valid))}"
+            f"StableDiffusionPipeline needs multiples of 8); use a multiple of {factor}, e.g. "
+            f"{', '.join(map(str, valid))}"
         )
     want = cfg.model.unet.cross_attention_dim
     if want is not None and want != text.hidden_size:
@@ -174,15 +188,23 @@ def check_components(cfg: Config) -> tuple[VAEInfo, TextEncoderInfo]:
     return vae, text
 
 
-def apply_pretrained(cfg: Config) -> None:
+def resolve_pretrained(cfg: Config) -> Config:
     """Point every component at the pipeline named by `model.pretrained` and copy its UNet architecture
-    and noise schedule into the config (so checks, FLOP counts and the dry run describe what trains)."""
+    and noise schedule into the config (so checks, FLOP counts and the dry run describe what trains),
+    then validate again. Idempotent; a config without `model.pretrained` is returned unchanged."""
+    if cfg.model.pretrained is not None:
+        _apply_pretrained(cfg)
+        check_config(cfg)
+    return cfg
+
+
+def _apply_pretrained(cfg: Config) -> None:
     src = cfg.model.pretrained
     assert src is not None
     unet = _read_json_config(src, "unet", "config.json")
     if unet is None:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        where = (f"folder {src!r} has no unet/config.json (is it a pipeline folder?)" if _is_local(src) else
+        where = (f"folder {src!r} has no unet/config.json (is it a pipeline folder?)" if is_local(src) else
                  f"Hub id {src!r} is not in the local Hugging Face cache"
                  f"{' and HF_HUB_OFFLINE=1 forbids downloading it' if offline else ''}; download it once with "
                  f"`hf download {src}` (or `huggingface-cli download {src}`), or give a local folder")
@@ -220,8 +242,16 @@ def load_vae(cfg: VAEConfig) -> AutoencoderKL:
     assert cfg.path is not None
     path = resolve_path(cfg.path)
     vae = _load("model.vae", path, lambda: AutoencoderKL.from_pretrained(
-        path, subfolder=cfg.subfolder, use_safetensors=True))
+        path, subfolder=cfg.subfolder, use_safetensors=True, dtype=getattr(torch, cfg.dtype)))
     return vae.requires_grad_(False).eval()
+
+
+def tokenizer_subfolder(cfg: TextEncoderConfig) -> Optional[str]:
+    """Where the tokenizer lives: as configured, else beside the encoder, or in `tokenizer/` when the encoder
+    is a pipeline's `text_encoder/` (the loader and the cache fingerprint both use this one rule)."""
+    if cfg.tokenizer_subfolder is not None:
+        return cfg.tokenizer_subfolder
+    return "tokenizer" if cfg.subfolder == "text_encoder" else cfg.subfolder
 
 
 def load_tokenizer(cfg: TextEncoderConfig):
@@ -229,8 +259,7 @@ def load_tokenizer(cfg: TextEncoderConfig):
     from transformers import AutoTokenizer
 
     path = resolve_path(cfg.path)
-    sub = cfg.tokenizer_subfolder if cfg.tokenizer_subfolder is not None else (
-        "tokenizer" if cfg.subfolder == "text_encoder" else cfg.subfolder)
+    sub = tokenizer_subfolder(cfg)
     tokenizer = _load("model.text_encoder (tokenizer)", path,
                       lambda: AutoTokenizer.from_pretrained(path, subfolder=sub or ""))
     if cfg.max_length is not None:
@@ -246,7 +275,8 @@ def load_text_encoder(cfg: TextEncoderConfig) -> tuple:
     path, sub = resolve_path(cfg.path), cfg.subfolder
     tokenizer = load_tokenizer(cfg)
     conf = _load("model.text_encoder", path, lambda: AutoConfig.from_pretrained(path, subfolder=sub or ""))
-    cls = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel}.get(conf.model_type, AutoModel)
+    classes = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel}
+    cls = classes.get(conf.model_type, AutoModel)
     encoder = _load("model.text_encoder", path, lambda: cls.from_pretrained(
         path, subfolder=sub or "", use_safetensors=True))
     return tokenizer, encoder.requires_grad_(False).eval()
@@ -313,20 +343,28 @@ def build_scheduler(cfg: SchedulerConfig) -> DDPMScheduler:
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """prompt_embeds (B, L, D) of a frozen encoder (no gradients)."""
+    return text_embeddings(tokenizer, text_encoder, prompts)
+
+
+def text_embeddings(tokenizer, text_encoder, prompts: list[str], run=None) -> torch.Tensor:
     """prompt_embeds (B, L, D): the text encoder's last hidden state, computed exactly as the exported
-    pipeline will compute it at inference (same padding, same attention-mask rule)."""
+    pipeline will compute it at inference (same padding, same attention-mask rule). `run` is what to call
+    instead of the bare encoder (its DDP wrapper, when it trains); gradients flow unless disabled."""
     device = next(text_encoder.parameters()).device
     enc = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt")
     mask = enc.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
-    return text_encoder(enc.input_ids.to(device), attention_mask=mask)[0]
+    return (run or text_encoder)(enc.input_ids.to(device), attention_mask=mask)[0]
 
 
 @torch.no_grad()
 def latent_distribution(vae: AutoencoderKL, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of q(z|x), each (B, C, H/f, W/f), in the VAE's own (unscaled) units."""
+    """(mean, std) of q(z|x), each (B, C, H/f, W/f), already × scaling_factor: the units the UNet sees
+    (the one place the VAE's encoder output is scaled; the decoder divides it back out)."""
     dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
-    return dist.mean.float(), dist.std.float()
+    s = vae.config.scaling_factor
+    return dist.mean.float() * s, dist.std.float() * s
 
 
 def unet_flops_per_image(unet_config: dict, seq_len: int) -> int:
@@ -368,7 +406,7 @@ class FrozenEncoders:
     @property
     def vae(self) -> AutoencoderKL:
         if self._vae is None:
-            self._vae = load_vae(self.cfg.vae).to(self.device, getattr(torch, self.cfg.vae.dtype))
+            self._vae = load_vae(self.cfg.vae).to(self.device)  # (loaded in its configured dtype)
         return self._vae
 
     @property
@@ -416,8 +454,7 @@ def cache_fingerprints(cfg: Config, frozen: FrozenEncoders) -> tuple[str, str]:
     vae_fp = hashlib.sha256(json.dumps(
         ["latents-v1", vae_files, m.vae.dtype, d.resolution, d.center_crop]).encode()).hexdigest()
     t = m.text_encoder
-    tok_sub = t.tokenizer_subfolder if t.tokenizer_subfolder is not None else (
-        "tokenizer" if t.subfolder == "text_encoder" else t.subfolder)
-    text_files = _files_fingerprint(t.path, [t.subfolder, tok_sub]) or _module_fingerprint(frozen.text[1])
+    text_files = (_files_fingerprint(t.path, [t.subfolder, tokenizer_subfolder(t)])
+                  or _module_fingerprint(frozen.text[1]))
     text_fp = hashlib.sha256(json.dumps(["text-v1", text_files, t.max_length]).encode()).hexdigest()
     return vae_fp, text_fp

@@ -18,9 +18,6 @@ import torch.nn.functional as F
 from diffusers import ControlNetModel, UNet2DConditionModel
 from PIL import Image
 
-from ldm.diffusion import mix_seed
-
-SKETCH_STREAM, STYLE_STREAM = 11, 12  # generator streams of the condition-dropout draws
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
 
 
@@ -54,13 +51,6 @@ def build_controlnet(unet: UNet2DConditionModel, vae_downsample: int) -> Control
     stages = int(math.log2(vae_downsample))
     channels = (16, 32, 96, 256, 256)[: stages + 1]
     return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
-
-
-def drop_condition(seed: int, positions: list[int], probability: float, stream: int) -> torch.Tensor:
-    """(B,) bool: which samples train without their condition (SKETCH_STREAM or STYLE_STREAM), keyed by
-    (seed, position) like every draw (a separate stream, so noise, timestep and caption draws are unchanged)."""
-    return torch.tensor([torch.rand(1, generator=torch.Generator().manual_seed(mix_seed(seed, stream, p))).item()
-                         < probability for p in positions], dtype=torch.bool)
 
 
 def style_reference(source, index: int) -> Image.Image:

@@ -1,6 +1,7 @@
 """Typed configuration: dataclasses are the schema, YAML holds values, the CLI adds dotted overrides.
 
-`load_config("configs/x.yaml", ["train.lr=2e-4"])` returns a fully typed `Config`. Every problem a
+`load_config("configs/x.yaml", ["train.lr=2e-4"])` returns a fully typed `Config`; it reads no model
+folder (resolving `model.pretrained` into component paths is `ldm.components.resolve_pretrained`). Every problem a
 config can have on its own (unknown key, wrong type, impossible value, inconsistent pair) raises a
 `ConfigError` naming the key and what would be valid, before any model or dataset is touched.
 Checks that need a component's own config file (the VAE's downsampling factor, the text encoder's
@@ -41,6 +42,10 @@ class TextEncoderConfig:
     subfolder: Optional[str] = None  # e.g. "text_encoder" inside a pipeline folder
     tokenizer_subfolder: Optional[str] = None
     max_length: Optional[int] = None  # tokens; None keeps the tokenizer's own limit (77 for CLIP)
+    # frozen (default); lora: adapters on its attention projections (with lora.enabled, same rank and alpha);
+    # full: every weight (a full fine-tune, lora.enabled=false). Trained, its prompt embeddings are not cached.
+    train: Literal["frozen", "lora", "full"] = "frozen"
+    lr: Optional[float] = None  # its learning rate when it trains; null: train.lr
 
 
 @dataclass
@@ -90,6 +95,10 @@ class ShapesConfig:
     colour_only_captions: float = 0.0
     # Background styles to draw (white, grey, dark), one per picture at random; captions never name them.
     styles: list[str] = field(default_factory=list)
+    # Combinations ("colour shape position", * for any part) that make up `focus_fraction` of the pictures,
+    # the rest cycling through the others (e.g. a new concept with a replay of the rest, for fine-tuning).
+    focus: list[str] = field(default_factory=list)
+    focus_fraction: float = 0.5
 
 
 @dataclass
@@ -220,6 +229,34 @@ class ConditioningConfig:
     style: StyleConfig = field(default_factory=StyleConfig)
 
 
+LoRATarget = Literal["attention", "projections", "feed_forward", "convolutions", "time_embedding"]
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021) on the trained module instead of all its weights, through peft.
+
+    The update of a weight W is (alpha / rank) · B A, B zero at the start: training starts from the
+    pretrained model exactly. kohya-ss' default alpha is 1 (scale 1/rank), Diffusers' examples use
+    alpha = rank (scale 1); whatever is chosen is written into every file, so each tool applies the same."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: Optional[float] = None  # null: alpha = rank (scale 1)
+    dropout: float = 0.0
+    # attention: to_q/k/v/out of every attention layer; projections: the transformers' proj_in/out;
+    # feed_forward: their MLPs; convolutions: the resnets' 3×3 convolutions; time_embedding: its MLP and
+    # the resnets' time projections.
+    targets: list[LoRATarget] = field(default_factory=lambda: ["attention"])
+    init: Literal["default", "gaussian"] = "default"  # A: Kaiming-uniform (peft's default) or N(0, 1/rank)
+    # DoRA (Liu et al. 2024): magnitude and direction trained apart. Loads in Diffusers and the fused export;
+    # the kohya-format file is not written for it.
+    use_dora: bool = False
+    trigger_words: list[str] = field(default_factory=list)  # for the model card: words the captions teach
+    kohya: bool = True  # also write the kohya-format file AUTOMATIC1111 / ComfyUI load
+    fuse: bool = False  # also export the base with the LoRA fused in (a full pipeline folder)
+
+
 @dataclass
 class HubConfig:
     """Publishing to the Hugging Face Hub (token from HF_TOKEN or `hf auth login`, never from the config)."""
@@ -241,6 +278,12 @@ class Config:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+def downsampling_factor(block_out_channels: Sequence[int]) -> int:
+    """Spatial downsampling of a VAE or UNet with these levels: one factor of 2 between levels."""
+    return 2 ** (len(block_out_channels) - 1)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -261,10 +304,6 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         key, value = parse_override(text)
         set_dotted(tree, key, value)
     cfg = build(Config, tree)
-    if cfg.model.pretrained is not None:
-        from ldm.components import apply_pretrained  # reads the pipeline's config files
-
-        apply_pretrained(cfg)
     check_config(cfg)
     return cfg
 
@@ -346,6 +385,15 @@ def check_config(cfg: Config) -> None:
             parse_holdout(d.shapes.holdout)
         except ValueError as err:
             raise ConfigError(f"config key 'data.shapes.holdout': {err}") from err
+    if d.shapes.focus:
+        from ldm.shapes import parse_holdout
+
+        try:
+            parse_holdout(d.shapes.focus)
+        except ValueError as err:
+            raise ConfigError(f"config key 'data.shapes.focus': {err}") from err
+    _require(0.0 < d.shapes.focus_fraction <= 1.0, "data.shapes.focus_fraction",
+             f"must be in (0, 1], got {d.shapes.focus_fraction}")
     _require(d.max_aspect_ratio >= 1.0, "data.max_aspect_ratio", f"must be ≥ 1, got {d.max_aspect_ratio}")
     _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
     _require(m.text_encoder.max_length is None or m.text_encoder.max_length > 1,
@@ -362,6 +410,27 @@ def check_config(cfg: Config) -> None:
     _require(0.0 <= c.style.dropout < 1.0, "conditioning.style.dropout", "must be in [0, 1)")
     _require(c.style.encoder_width % 4 == 0 and c.style.encoder_width > 0, "conditioning.style.encoder_width",
              "must be a positive multiple of 4 (4 attention heads)")
+    lo = cfg.lora
+    if lo.enabled:
+        _require(lo.rank >= 1, "lora.rank", f"must be a positive integer, got {lo.rank}")
+        _require(lo.alpha is None or lo.alpha > 0, "lora.alpha", f"must be positive or null (= rank), got {lo.alpha}")
+        _require(0.0 <= lo.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+        _require(len(lo.targets) > 0, "lora.targets", "needs at least one of attention, projections, feed_forward, "
+                 "convolutions, time_embedding")
+        _require(m.pretrained is not None or m.unet.path is not None, "lora.enabled",
+                 "a LoRA adapts a trained model: set model.pretrained to its pipeline (folder or Hub id)")
+        _require(c.type == "text", "lora.enabled", f"a LoRA adapts the text-to-image UNet; a {c.type} run trains "
+                 "its own small module whole (set lora.enabled=false, or conditioning.type=text)")
+    te = m.text_encoder
+    if te.train != "frozen":
+        _require(c.type == "text", "model.text_encoder.train", f"a {c.type} run trains its own module on a frozen "
+                 "model; train the text encoder in the text-to-image run (conditioning.type=text)")
+        _require(te.lr is None or te.lr > 0, "model.text_encoder.lr", f"must be positive or null, got {te.lr}")
+    _require(te.train != "lora" or lo.enabled, "model.text_encoder.train",
+             "'lora' puts adapters on the text encoder beside the UNet's: set lora.enabled=true (or train it 'full')")
+    _require(te.train != "full" or not lo.enabled, "model.text_encoder.train",
+             "'full' with lora.enabled cannot be exported as LoRA files: use 'lora' (adapters on both), or "
+             "lora.enabled=false for a full fine-tune of both")
     h = cfg.hub
     _require(h.repo_id is None or (h.repo_id.count("/") == 1 and all(h.repo_id.split("/"))), "hub.repo_id",
              f"{h.repo_id!r} must look like 'user-or-org/model-name'")
@@ -380,7 +449,7 @@ def check_config(cfg: Config) -> None:
 
 def check_autoencoder_config(cfg: Config) -> None:
     """Stage 1 only: the latent grid must tile the image exactly."""
-    factor = 2 ** (len(cfg.autoencoder.block_out_channels) - 1)
+    factor = downsampling_factor(cfg.autoencoder.block_out_channels)
     _require(cfg.data.resolution % factor == 0, "data.resolution",
              f"{cfg.data.resolution} is not divisible by the stage-1 VAE's downsampling factor {factor} "
              f"(autoencoder.block_out_channels has {len(cfg.autoencoder.block_out_channels)} levels)")

@@ -17,13 +17,10 @@ import torch
 from PIL import Image, ImageOps
 
 from ldm.config import ConfigError, DataConfig
-from ldm.diffusion import mix_seed, sample_generator
+from ldm.diffusion import AUGMENT_STREAM, mix_seed, sample_generator
 from ldm.sources import BadSample, Source
 
 logger = logging.getLogger(__name__)
-
-_AUGMENT_STREAM = 1  # generator stream id for crop/flip draws (0 is used by the training draws)
-
 
 # --------------------------------------------------------------------------------------------
 # Transforms
@@ -78,7 +75,7 @@ def prepare_image(image: Image.Image, cfg: DataConfig, generator: Optional[torch
 
 def flip_decision(seed: int, position: int) -> bool:
     """The flip `SampleStream` draws for a stream position when cropping is central (no crop draws first)."""
-    return bool(torch.rand(1, generator=sample_generator(seed, position, _AUGMENT_STREAM)) < 0.5)
+    return bool(torch.rand(1, generator=sample_generator(seed, position, AUGMENT_STREAM)) < 0.5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,7 +113,7 @@ class SampleStream(torch.utils.data.Dataset):
                 index = (index + 1) % self.size
         else:
             raise RuntimeError("no usable sample left in the dataset")
-        pixel_values = prepare_image(image, self.cfg, sample_generator(self.seed, position, _AUGMENT_STREAM))
+        pixel_values = prepare_image(image, self.cfg, sample_generator(self.seed, position, AUGMENT_STREAM))
         return {"position": position, "index": index, "pixel_values": pixel_values, "caption": caption}
 
 

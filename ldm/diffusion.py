@@ -16,6 +16,12 @@ import torch.nn.functional as F
 
 _MASK64 = (1 << 64) - 1
 
+# Generator stream ids: one home, so two uses of the same (seed, position) never share a stream.
+DRAW_STREAM = 0  # noise, timestep, caption dropout, latent sample (draw_samples)
+AUGMENT_STREAM = 1  # crop / flip of the picture (ldm.data)
+VALIDATION_STREAM = 2  # the fixed draws of the validation loss
+SKETCH_STREAM, STYLE_STREAM = 11, 12  # condition dropout of sketch / style runs
+
 
 def mix_seed(*keys: int) -> int:
     """Hash integers into a 63-bit seed (SplitMix64 finaliser per key): nearby keys give unrelated seeds."""
@@ -27,7 +33,7 @@ def mix_seed(*keys: int) -> int:
     return h & ((1 << 63) - 1)
 
 
-def sample_generator(seed: int, position: int, stream: int = 0) -> torch.Generator:
+def sample_generator(seed: int, position: int, stream: int = DRAW_STREAM) -> torch.Generator:
     """CPU generator for one sample of the training stream; `stream` separates independent uses."""
     return torch.Generator().manual_seed(mix_seed(seed, stream, position))
 
@@ -122,8 +128,15 @@ def validation_draws(seed: int, num_images: int, latent_shape: tuple[int, int, i
     width = num_train_timesteps / buckets
     for i in range(num_images):
         for k in range(buckets):
-            g = sample_generator(seed, i * buckets + k, stream=2)
+            g = sample_generator(seed, i * buckets + k, stream=VALIDATION_STREAM)
             noise.append(torch.randn(latent_shape, generator=g))
             lo, hi = int(k * width), max(int((k + 1) * width), int(k * width) + 1)
             timesteps.append(torch.randint(lo, hi, (1,), generator=g))
     return torch.stack(noise), torch.cat(timesteps)
+
+
+def drop_condition(seed: int, positions: Sequence[int], probability: float, stream: int) -> torch.Tensor:
+    """(B,) bool: which samples train without their condition (SKETCH_STREAM or STYLE_STREAM), keyed by
+    (seed, position) like every draw (a separate stream, so noise, timestep and caption draws are unchanged)."""
+    return torch.tensor([torch.rand(1, generator=sample_generator(seed, int(p), stream)).item() < probability
+                         for p in positions], dtype=torch.bool)

@@ -179,7 +179,8 @@ def plot_sweeps(sampler_rows: Sequence[dict], guidance_rows: Sequence[dict], fol
         rows = sorted(guidance_rows, key=lambda r: r["guidance_scale"])
         for key, label in (("seen", "seen combinations"), ("held_out", "held-out combinations")):
             if all(key in r for r in rows):
-                ax.plot([r["guidance_scale"] for r in rows], [100 * r[key]["all"] for r in rows], marker="o", label=label)
+                ax.plot([r["guidance_scale"] for r in rows], [100 * r[key]["all"] for r in rows], marker="o",
+                        label=label)
         ax.set(xlabel="guidance scale", ylabel="all three correct (%)", title="shapes probe: accuracy vs guidance")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -202,31 +203,39 @@ def encode_images(vae, tokenizer, text_encoder, images: Sequence, captions: Sequ
     latents, embeds = [], []
     for start in range(0, len(images), batch_size):
         x = torch.stack([prepare_image(im, cfg) for im in images[start:start + batch_size]])
-        latents.append(latent_distribution(vae, x)[0].cpu() * vae.config.scaling_factor)
+        latents.append(latent_distribution(vae, x)[0].cpu())
         embeds.append(encode_prompts(tokenizer, text_encoder, list(captions[start:start + batch_size])).cpu())
     return torch.cat(latents), torch.cat(embeds)
 
 
 @torch.no_grad()
-def validation_loss(unet, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor, prediction_type: str,
-                    buckets: int = 10, seed: int = 0, batch_size: int = 64) -> dict[str, float]:
+def validation_loss(model, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor, prediction_type: str,
+                    buckets: int = 10, seed: int = 0, batch_size: int = 64,
+                    device: Optional[torch.device] = None) -> dict[str, float]:
     """Mean squared error (unweighted) with fixed noise and timesteps, per timestep bucket and overall.
 
-    Each image is noised once per bucket, so every bucket sees every image: the loss at high t says how
-    well the model lays out a picture, at low t how well it renders detail."""
+    `model` is a UNet, or a function (noisy_latents, timesteps, prompt_embeds, rows) → model_pred, where
+    `rows` are the images' indices (a condition's inputs are looked up by them). Each image is noised
+    once per bucket, so every bucket sees every image: the loss at high t says how well the model lays
+    out a picture, at low t how well it renders detail."""
+    if isinstance(model, torch.nn.Module):
+        unet = model
+        device = device or next(unet.parameters()).device
+        model = lambda x, t, c, rows: unet(x, t, c).sample  # noqa: E731
     # Noise with the closed form q(x_t|x_0) of the model's own schedule: a sampler's add_noise (e.g.
     # DPM-Solver++) looks t up in its inference schedule instead and would noise to the wrong level.
     scheduler = DDPMScheduler.from_config(scheduler.config)
     n, T = latents.shape[0], scheduler.config.num_train_timesteps
     noise, timesteps = validation_draws(seed, n, tuple(latents.shape[1:]), T, buckets)
-    device = next(unet.parameters()).device
+    device = device or torch.device("cpu")
     x0 = latents.repeat_interleave(buckets, dim=0)  # (N·K, C, h, w): row i·K + k
     context = prompt_embeds.repeat_interleave(buckets, dim=0)
     errors = []
     for s in range(0, len(x0), batch_size):
         sl = slice(s, s + batch_size)
         x, eps, t = x0[sl].to(device), noise[sl].to(device), timesteps[sl].to(device)
-        pred = unet(scheduler.add_noise(x, eps, t), t, context[sl].to(device)).sample
+        rows = torch.arange(len(x0))[sl] // buckets  # which image each row noises
+        pred = model(scheduler.add_noise(x, eps, t), t, context[sl].to(device), rows)
         target = training_target(scheduler, x, eps, t, prediction_type)
         errors.append(((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).cpu())
     per_row = torch.cat(errors).view(n, buckets)

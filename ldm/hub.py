@@ -20,7 +20,8 @@ from typing import Callable, Optional
 
 from safetensors import safe_open
 
-from ldm.config import Config
+from ldm.components import is_local
+from ldm.config import Config, downsampling_factor
 
 # Paths relative to the pipeline folder; `*` never crosses a `/`.
 ALLOW_PATTERNS = (
@@ -73,7 +74,7 @@ def _params(folder: Path, sub: str) -> int:
 
 
 def _is_hub_id(name: Optional[str]) -> bool:
-    return bool(name) and name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
+    return bool(name) and not is_local(name)
 
 
 def _evaluation_rows(evaluation: dict) -> list[str]:
@@ -100,10 +101,12 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
+    if (folder / "pytorch_lora_weights.safetensors").is_file():
+        return lora_card(folder, cfg, repo_id, evaluation)
     unet, vae = (json.loads((folder / sub / "config.json").read_text()) for sub in ("unet", "vae"))
     text = json.loads((folder / "text_encoder" / "config.json").read_text())
     name = repo_id or cfg.hub.repo_id or folder.name
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    factor = downsampling_factor(vae["block_out_channels"])
     resolution = unet["sample_size"] * factor
     base = cfg.model.pretrained
     data = ModelCardData(
@@ -114,7 +117,7 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
         base_model=base if _is_hub_id(base) else None,
         datasets=[cfg.data.dataset] if _is_hub_id(cfg.data.dataset) else None,
     )
-    t, s = cfg.train, cfg.sample
+    s = cfg.sample
     attends = [str(i) for i, kind in enumerate(unet["down_block_types"]) if kind.startswith("CrossAttn")]
     prompt = s.prompts[0].replace('"', "'") if s.prompts else "a photograph"
     lines = [
@@ -140,29 +143,79 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
           if (folder / "controlnet").is_dir() else []),
         *([f"| style adapter | IP-Adapter (image encoder + decoupled cross-attention), "
            f"`ip_adapter/`: load with `pipe.load_ip_adapter(repo, subfolder='ip_adapter', "
-           f"weight_name='ip_adapter.safetensors')` | {_params(folder, 'ip_adapter') + _params(folder, 'ip_adapter/image_encoder'):,} |"]
+           f"weight_name='ip_adapter.safetensors')` | "
+           f"{_params(folder, 'ip_adapter') + _params(folder, 'ip_adapter/image_encoder'):,} |"]
           if (folder / "ip_adapter").is_dir() else []), "",
         f"Noise schedule: {cfg.model.scheduler.beta_schedule}, T = {cfg.model.scheduler.num_train_timesteps}, "
         f"{cfg.model.scheduler.prediction_type} prediction. Default sampler: {s.sampler}.", "",
+        *_training_lines(cfg), *_samples_and_evaluation(folder, evaluation),
+    ]
+    singles = sorted(p.name for p in folder.glob("*.safetensors"))
+    if singles:
+        lines += ["## Single-file checkpoint", "",
+                  f"`{singles[0]}` holds the same weights in the original Stable-Diffusion key layout "
+                  "(for AUTOMATIC1111, ComfyUI or `from_single_file`).", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _training_lines(cfg: Config) -> list[str]:
+    t, te = cfg.train, cfg.model.text_encoder
+    return [
         "## Training", "",
         f"- data: `{cfg.data.dataset}` at {cfg.data.resolution} px, caption dropout {cfg.data.caption_dropout}",
         f"- {t.max_steps} optimizer steps, batch {t.batch_size} per process × {t.gradient_accumulation_steps} "
         f"accumulation, AdamW lr {t.lr} ({t.lr_scheduler}, {t.lr_warmup_steps} warm-up steps)",
+        f"- text encoder: {te.train}"
+        + (f", lr {te.lr if te.lr is not None else t.lr}" if te.train != "frozen" else ""),
         f"- precision {t.mixed_precision}; EMA {t.ema_decay if t.ema_decay is not None else 'off'}; "
         f"min-SNR γ {t.snr_gamma if t.snr_gamma is not None else 'off'}; seed {t.seed}",
         "- the full resolved configuration is `ldm_config.yaml` in this repository", "",
     ]
+
+
+def _samples_and_evaluation(folder: Path, evaluation: Optional[dict]) -> list[str]:
+    lines: list[str] = []
     images = sorted((folder / "images").glob("*.png")) if (folder / "images").is_dir() else []
     if images:
         lines += ["## Samples", ""] + [f"![{p.stem}](images/{p.name})" for p in images] + [""]
     rows = _evaluation_rows(evaluation or {})
     if rows:
         lines += ["## Evaluation", "", "| split | metric | value |", "| --- | --- | --- |", *rows, ""]
-    singles = sorted(p.name for p in folder.glob("*.safetensors"))
-    if singles:
-        lines += ["## Single-file checkpoint", "",
-                  f"`{singles[0]}` holds the same weights in the original Stable-Diffusion key layout "
-                  "(for AUTOMATIC1111, ComfyUI or `from_single_file`).", ""]
+    return lines
+
+
+def lora_card(folder: Path, cfg: Config, repo_id: Optional[str] = None, evaluation: Optional[dict] = None):
+    """The card of a LoRA folder: base model, rank, alpha, targets, trigger words, how to load it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    lo, s = cfg.lora, cfg.sample
+    name = repo_id or cfg.hub.repo_id or folder.name
+    base = cfg.model.pretrained or cfg.model.unet.path
+    alpha = lo.alpha if lo.alpha is not None else lo.rank
+    data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", license=cfg.hub.license,
+                         tags=["ldm", "lora", "text-to-image", "diffusers", *(["dora"] if lo.use_dora else []),
+                               *cfg.hub.tags],
+                         base_model=base if _is_hub_id(base) else None,
+                         instance_prompt=", ".join(lo.trigger_words) or None)
+    prompt = s.prompts[0].replace('"', "'") if s.prompts else "a photograph"
+    kohya = (folder / "lora_kohya.safetensors").is_file()
+    lines = [
+        f"# {name.split('/')[-1]}", "",
+        f"A LoRA{' (DoRA)' if lo.use_dora else ''} for `{base}`, trained with ldm (a latent-diffusion trainer built on "
+        "Diffusers).", "",
+        "| | |", "| --- | --- |", f"| base model | `{base}` |", f"| rank | {lo.rank} |",
+        f"| alpha | {alpha:g} (scale alpha / rank = {alpha / lo.rank:g}) |",
+        f"| targets | {', '.join(lo.targets)} |", f"| trigger words | {', '.join(lo.trigger_words) or 'none'} |",
+        f"| parameters | {count_parameters(folder / 'pytorch_lora_weights.safetensors'):,} |", "",
+        "## Use", "", "```python", "from diffusers import DiffusionPipeline", "",
+        f'pipe = DiffusionPipeline.from_pretrained("{base}")',
+        f'pipe.load_lora_weights("{name}")  # pytorch_lora_weights.safetensors',
+        f'image = pipe("{prompt}", num_inference_steps={s.num_inference_steps}, '
+        f"guidance_scale={s.guidance_scale}).images[0]", "```", "",
+        *(["`lora_kohya.safetensors` holds the same adapter in the kohya-ss format (`lora_unet_…`, per-module "
+           "alpha) for AUTOMATIC1111 and ComfyUI.", ""] if kohya else []),
+        *_training_lines(cfg), *_samples_and_evaluation(folder, evaluation),
+    ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 

@@ -9,6 +9,8 @@ plain `StableDiffusionPipeline` called with the same generators gives the same p
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -17,11 +19,11 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
-    DiffusionPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
@@ -67,6 +69,25 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, sampler: st
     return StableDiffusionPipeline(**parts)
 
 
+class _TextEncoderTypeNotice(logging.Filter):
+    """Diffusers warns when a Stable-Diffusion pipeline's text encoder is not CLIP; ldm trains with any
+    Transformers encoder (MiniLM in the quickstart) and the pipeline runs it the same way."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Expected types for text_encoder")
+
+
+@contextmanager
+def any_text_encoder():
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    notice = _TextEncoderTypeNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def load_pipeline(path: str | Path, device: Union[str, torch.device] = "cpu",
                   dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """An exported pipeline from a folder, a Hub id or one LDM-layout `.safetensors` file (safetensors only)."""
@@ -74,9 +95,10 @@ def load_pipeline(path: str | Path, device: Union[str, torch.device] = "cpu",
         from ldm.single_file import load_single_file
 
         return load_single_file(path, torch_dtype=dtype).to(device)
-    pipe = _load("pipeline", str(path), lambda: DiffusionPipeline.from_pretrained(
-        str(path), torch_dtype=dtype, use_safetensors=True, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False))
+    with any_text_encoder():
+        pipe = _load("pipeline", str(path), lambda: DiffusionPipeline.from_pretrained(
+            str(path), dtype=dtype, use_safetensors=True, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False))
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionControlNetPipeline)):
         raise ValueError(f"{path}: a {type(pipe).__name__}; ldm generates with Stable-Diffusion-layout pipelines")
     if (Path(path) / "ip_adapter" / "ip_adapter.safetensors").is_file():  # a style run's export
@@ -136,6 +158,7 @@ def generate(
     conditioning_scale: float = 1.0,
     style: Union[None, Image.Image, Sequence[Image.Image]] = None,
     style_scale: float = 1.0,
+    loras: Sequence = (),
 ) -> list[Generated]:
     """Generate `num_images_per_prompt` images for each prompt; returns them with their parameters.
 
@@ -147,12 +170,19 @@ def generate(
     A ControlNet pipeline (trained with conditioning.type=sketch) needs `sketch` (one, or one per
     prompt); `conditioning_scale` scales its residuals, independently of the text's `guidance_scale`.
     A pipeline with a style adapter takes `style` (a reference picture, or one per prompt) and `style_scale`;
-    without `style` it draws from the text alone."""
+    without `style` it draws from the text alone.
+
+    `loras`: LoRA files or exported lora/ folders (Diffusers or kohya format), each `path`, `"path:scale"` or
+    `(path, scale)`, loaded into the pipeline with Diffusers' `load_lora_weights` and applied together."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
         raise ValueError("generate() needs at least one prompt")
     pipe = model if hasattr(model, "unet") else load_pipeline(str(model), device)
+    if loras:
+        from ldm.lora import load_loras
+
+        load_loras(pipe, loras)
     controlled = isinstance(pipe, StableDiffusionControlNetPipeline)
     if controlled != (sketch is not None):
         raise ValueError("a sketch goes with a ControlNet pipeline and only with one: this pipeline "
@@ -214,5 +244,9 @@ def generate(
                 params["conditioning_scale"] = conditioning_scale
             if references:
                 params["style_scale"] = style_scale
+            if loras:
+                from ldm.lora import parse_lora
+
+                params["loras"] = [f"{Path(p).name}:{s:g}" for p, s in map(parse_lora, loras)]
             out.append(Generated(image, prompt, s, params))
     return out

@@ -7,13 +7,14 @@ a text-to-image model can be scored on whether it drew what it was asked for.
 
 The checker is deliberately strict: the shape is the template (circle, square, triangle, cross)
 with the highest soft IoU against the drawn mask (each template at its best size), so a circle
-drawn as a rounded square reads as a square; the colour is the nearest palette entry to the mean of the saturated core, so an orange
-that drifts to yellow reads as yellow.
+drawn as a rounded square reads as a square; the colour is the nearest palette entry to the mean of
+the saturated core, so an orange that drifts to yellow reads as yellow.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -79,7 +80,8 @@ def parse_holdout(entries: Sequence[str]) -> list[ShapeSpec]:
     for entry in entries:
         colour, shape, *rest = entry.split() + ["*", "*"][: max(0, 3 - len(entry.split()))]
         position = " ".join(rest)
-        for value, valid, what in ((colour, COLOURS, "colour"), (shape, SHAPES, "shape"), (position, POSITIONS, "position")):
+        parts = ((colour, COLOURS, "colour"), (shape, SHAPES, "shape"), (position, POSITIONS, "position"))
+        for value, valid, what in parts:
             if value != "*" and value not in valid:
                 raise ValueError(f"data.shapes.holdout entry {entry!r}: unknown {what} {value!r}; valid: "
                                  f"{', '.join(valid)} or *")
@@ -120,15 +122,26 @@ def render(spec: ShapeSpec, resolution: int, jitter: Optional[np.random.Generato
 
 
 class ShapesDataset:
-    """`num_images` shapes pictures; index i shows combination i mod 216, jittered from (seed, i)."""
+    """`num_images` shapes pictures; index i shows combination i mod 216, jittered from (seed, i).
+
+    With `focus`, a fixed fraction of the pictures (`focus_fraction`, evenly interleaved) cycles through the
+    focus combinations and the rest through the others: a new concept and a replay of what the model knows."""
 
     def __init__(self, num_images: int, resolution: int, seed: int = 0,
                  exclude: Iterable[ShapeSpec] = (), colour_only_captions: float = 0.0,
-                 styles: Sequence[str] = ()):
+                 styles: Sequence[str] = (), focus: Iterable[ShapeSpec] = (), focus_fraction: float = 0.5):
         excluded = set(exclude)
         self.specs = [s for s in all_specs() if s not in excluded]
         if not self.specs:
             raise ValueError("every shapes combination is excluded; nothing left to train on")
+        focused = set(focus)
+        self.focus = [s for s in self.specs if s in focused]
+        self.rest = [s for s in self.specs if s not in focused]
+        self.focus_fraction = focus_fraction
+        if focused and not self.focus:
+            raise ValueError("data.shapes.focus: every focus combination is held out")
+        if self.focus and not self.rest and focus_fraction < 1:
+            raise ValueError("data.shapes.focus covers every combination left; set focus_fraction to 1")
         self.num_images, self.resolution, self.seed = num_images, resolution, seed
         self.colour_only_captions = colour_only_captions
         unknown = [s for s in styles if s not in STYLES]
@@ -140,7 +153,12 @@ class ShapesDataset:
         return self.num_images
 
     def spec(self, index: int) -> ShapeSpec:
-        return self.specs[index % len(self.specs)]
+        if not self.focus:
+            return self.specs[index % len(self.specs)]
+        k = math.floor((index + 1) * self.focus_fraction)  # focus pictures among indices 0..index
+        if k > math.floor(index * self.focus_fraction):
+            return self.focus[(k - 1) % len(self.focus)]
+        return self.rest[(index - k) % len(self.rest)]
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_images:
@@ -165,7 +183,8 @@ class ShapesDataset:
     def caption(self, index: int) -> str:
         """The full caption, or (for a fixed fraction of indices) the colour alone: "a red shape"."""
         spec = self.spec(index)
-        if self.colour_only_captions and np.random.default_rng([self.seed, index, 1]).random() < self.colour_only_captions:
+        draw = np.random.default_rng([self.seed, index, 1]).random() if self.colour_only_captions else 1.0
+        if draw < self.colour_only_captions:
             return colour_caption(spec.colour)
         return spec.caption
 

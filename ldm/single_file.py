@@ -108,11 +108,16 @@ def _vae_attention_weight(key: str) -> bool:
     return ".mid.attn_1." in key and key.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight"))
 
 
+def unet_to_ldm(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's state dict under its LDM-layout names (`model.diffusion_model.…`); works on the meta device."""
+    unet_table = {d: (ldm, inner) for d, ldm, inner in unet_prefixes(dict(unet.config))}
+    return {UNET + _rename(k, unet_table): v for k, v in unet.state_dict().items()}
+
+
 def to_ldm(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
     """One flat state dict in the LDM layout (tensors shared with the models, not copied)."""
-    unet_table = {d: (ldm, inner) for d, ldm, inner in unet_prefixes(dict(unet.config))}
     vae_table = {d: (ldm, inner) for d, ldm, inner in vae_prefixes(dict(vae.config))}
-    out = {UNET + _rename(k, unet_table): v for k, v in unet.state_dict().items()}
+    out = unet_to_ldm(unet)
     for k, v in vae.state_dict().items():
         name = _rename(k, vae_table)
         # LDM's VAE attention projections are 1×1 convolutions; Diffusers' are linear layers.

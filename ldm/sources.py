@@ -99,7 +99,8 @@ class ShapesSource:
         self.dataset = ShapesDataset(cfg.shapes.num_images, cfg.resolution, seed=cfg.shapes.seed,
                                      exclude=parse_holdout(cfg.shapes.holdout),
                                      colour_only_captions=cfg.shapes.colour_only_captions,
-                                     styles=cfg.shapes.styles)
+                                     styles=cfg.shapes.styles, focus=parse_holdout(cfg.shapes.focus),
+                                     focus_fraction=cfg.shapes.focus_fraction)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -197,7 +198,8 @@ def _read_metadata(folder: Path, caption_column: str) -> tuple[list[FolderRow], 
         )
     meta = jsonl if jsonl.is_file() else csv_file
     if "file_name" not in columns:
-        raise ConfigError(f"data.dataset: {meta} needs a 'file_name' column; its columns are {', '.join(sorted(columns))}")
+        raise ConfigError(f"data.dataset: {meta} needs a 'file_name' column; its columns are "
+                          f"{', '.join(sorted(columns))}")
     if caption_column not in columns:
         raise ConfigError(f"config key 'data.caption_column': {meta} has no column {caption_column!r}; its columns "
                           f"are {', '.join(sorted(columns))}")

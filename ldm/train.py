@@ -3,8 +3,8 @@
     1. check the config against the components' own configs (no weights yet)
     2. accelerator, output folder, resolved config
     3. data (columns checked before any model is built)
-    4. components: frozen VAE + text encoder, DDPM noise scheduler, and what trains: the UNet, or
-       (conditioning.type sketch / style) a ControlNet / an image-prompt adapter on the frozen UNet
+    4. components: frozen VAE + text encoder, DDPM noise scheduler, and what trains (ldm.trainable: the
+       UNet, a ControlNet or an image-prompt adapter on the frozen UNet, a LoRA on either), picked once
     5. optionally fill the fingerprinted cache (latents, prompt embeddings, sketches)
     6. optimiser, LR schedule, EMA
     7. the loop: draws → latents + prompt_embeds → train_step → backward → clip → guard → step → EMA
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
@@ -30,7 +30,6 @@ from ldm.cache import EncodedDataset, build_cache
 from ldm.checkpoint import (
     check_disk_space,
     estimate_checkpoint_bytes,
-    export_pipeline,
     find_resume_folder,
     incomplete_checkpoints,
     load_training_state,
@@ -47,25 +46,15 @@ from ldm.components import (
     encode_prompts,
     latent_distribution,
     load_tokenizer,
-    unet_kwargs,
     unet_flops_per_image,
-)
-from ldm.conditions import (
-    SKETCH_STREAM,
-    STYLE_STREAM,
-    build_controlnet,
-    build_style_adapter,
-    controlled_prediction,
-    drop_condition,
-    sketch_from_pixels,
-    style_processor,
-    style_reference,
+    unet_kwargs,
 )
 from ldm.config import Config, ConfigError, save_config
 from ldm.data import SampleStream, StreamBatches
 from ldm.diffusion import SampleDraws, diffusion_loss, draw_samples, min_snr_weights, snr, training_target
 from ldm.hub import BackgroundPublisher, publish, write_model_card
 from ldm.sources import open_audited
+from ldm.trainable import Trainable, build_trainable
 from ldm.validation import ema_weights, log_validation_loss, validate
 
 
@@ -75,21 +64,13 @@ def set_tf32(allow: bool) -> None:
     torch.backends.cudnn.allow_tf32 = allow
 
 
-def train_step(unet, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor, noise: torch.Tensor,
-               timesteps: torch.Tensor, prediction_type: str, snr_gamma: Optional[float], controlnet=None,
-               sketch: Optional[torch.Tensor] = None, keep: Optional[torch.Tensor] = None, adapter=None,
-               reference: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Loss of one micro-batch: noise the latents to t, predict, MSE against ε (or v), min-SNR weights.
-    With a ControlNet, the (frozen) UNet predicts with its residuals from `sketch`; with a style adapter,
-    with image tokens from `reference` (either zeroed where not `keep`)."""
+def train_step(trainable: Trainable, model, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor,
+               noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str, snr_gamma: Optional[float],
+               **inputs) -> torch.Tensor:
+    """Loss of one micro-batch: noise the latents to t, predict (through `model`, the wrapped module of
+    `trainable`, with its extra `inputs`), MSE against ε (or v), min-SNR weights."""
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # √ᾱ_t x₀ + √(1−ᾱ_t) ε
-    if controlnet is not None:
-        model_pred = controlled_prediction(unet, controlnet, noisy_latents, timesteps, prompt_embeds, sketch,
-                                           keep=keep)
-    elif adapter is not None:  # reference pixels → image tokens beside the text (zeroed where not `keep`)
-        model_pred = adapter(unet, noisy_latents, timesteps, prompt_embeds, reference, keep)
-    else:
-        model_pred = unet(noisy_latents, timesteps, prompt_embeds).sample
+    model_pred = trainable.predict(model, noisy_latents, timesteps, prompt_embeds, **inputs)
     target = training_target(scheduler, latents, noise, timesteps, prediction_type)
     weights = None
     if snr_gamma is not None:
@@ -116,17 +97,24 @@ def dry_run_report(cfg: Config, vae: VAEInfo, text: TextEncoderInfo) -> dict:
     }
 
 
+def captions_of(batch, draws: SampleDraws) -> list[str]:
+    """The micro-batch's captions, "" where the draw drops them (classifier-free guidance)."""
+    return ["" if drop else c for c, drop in zip(batch["caption"], draws.drop_caption.tolist())]
+
+
 def encode_batch(batch, draws: SampleDraws, encoded: Optional[EncodedDataset], frozen: FrozenEncoders,
-                 device) -> tuple[torch.Tensor, torch.Tensor]:
-    """latents (B, C, h, w) × scaling_factor and prompt_embeds (B, L, D) for one micro-batch."""
+                 device, text_trains: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """latents (B, C, h, w) × scaling_factor and prompt_embeds (B, L, D) for one micro-batch, from the
+    cache or the frozen encoders. prompt_embeds is None when the text encoder trains (the step encodes)."""
     if encoded is not None:
-        return (encoded.latents(batch["index"], batch["position"], draws.latent_eps).to(device),
-                encoded.embeds(batch["index"], draws.drop_caption).to(device))
+        latents = encoded.latents(batch["index"], batch["position"], draws.latent_eps).to(device)
+        return latents, None if text_trains else encoded.embeds(batch["index"], draws.drop_caption).to(device)
     vae = frozen.vae
     mean, std = latent_distribution(vae, batch["pixel_values"])
-    latents = (mean + std * draws.latent_eps.to(mean.device)) * vae.config.scaling_factor
-    captions = ["" if drop else c for c, drop in zip(batch["caption"], draws.drop_caption.tolist())]
-    return latents.to(device), encode_prompts(*frozen.text, captions).to(device)
+    latents = mean + std * draws.latent_eps.to(mean.device)
+    if text_trains:
+        return latents.to(device), None
+    return latents.to(device), encode_prompts(*frozen.text, captions_of(batch, draws)).to(device)
 
 
 def iterate_batches(stream: SampleStream, sampler: StreamBatches, encoded: Optional[EncodedDataset],
@@ -134,10 +122,14 @@ def iterate_batches(stream: SampleStream, sampler: StreamBatches, encoded: Optio
     """Micro-batches in stream order: indices only when pre-encoded, decoded images otherwise."""
     if encoded is not None:
         for positions in sampler:
-            yield {"position": positions, "index": [stream.index_of(p) for p in positions]}
+            indices = [stream.index_of(p) for p in positions]
+            yield {"position": positions, "index": indices, "caption": [stream.source.caption(i) for i in indices]}
         return
+    # Its own generator: starting the iterator then draws no number from the global stream, so a resumed
+    # run's dropout (a trained text encoder's) continues exactly where the checkpoint left it.
     loader = torch.utils.data.DataLoader(stream, batch_sampler=sampler, num_workers=num_workers,
-                                         pin_memory=pin_memory, persistent_workers=num_workers > 0)
+                                         pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                                         generator=torch.Generator().manual_seed(stream.seed))
     yield from loader
 
 
@@ -147,31 +139,57 @@ def _record(path: Path, step: int, batch: dict) -> None:
                             "indices": list(map(int, batch["index"]))}) + "\n")
 
 
-def _check_ranks_agree(accelerator: Accelerator, unet) -> None:
+def _check_ranks_agree(accelerator: Accelerator, trainable: Trainable) -> None:
     """All processes must end with the same weights; a cheap checksum makes a divergence loud."""
-    checksum = torch.stack([p.detach().double().sum() for p in unet.parameters()]).sum().reshape(1)
+    checksum = torch.stack([p.detach().double().sum() for p in trainable.parameters()]).sum().reshape(1)
     sums = accelerator.gather(checksum.to(accelerator.device))
     if not torch.all(sums == sums[0]):
         raise RuntimeError(f"processes ended with different weights (checksums {sums.tolist()})")
     accelerator.print(f"final weights agree on {accelerator.num_processes} process(es): checksum {sums[0].item():.10e}")
 
 
-def _push_checkpoint(publisher: BackgroundPublisher, cfg: Config, step: int, frozen: FrozenEncoders, unet,
-                     controlnet, adapter, ema, scheduler, staging: Path) -> None:
-    """Export the weights of this checkpoint (EMA if on) to a staging folder and upload it in the background.
-    `unet` is the text-to-image UNet as exported (for a style run, without the adapter's processors)."""
-    base = controlnet if controlnet is not None else adapter if adapter is not None else unet
-    with ema_weights(base, ema if cfg.train.ema_for_export else None):
+def _export(trainable: Trainable, folder: Path, frozen: FrozenEncoders, scheduler, cfg: Config, ema) -> Path:
+    """What the run leaves behind (EMA weights by default), with its model card."""
+    trainable.set_training(False)
+    with ema_weights(trainable, ema if cfg.train.ema_for_export else None):
         tokenizer, text_encoder = frozen.text
-        export_pipeline(staging, frozen.vae.to(torch.float32), text_encoder, tokenizer, unet, scheduler, cfg,
-                        controlnet=controlnet, style_adapter=adapter)
-    base.train()
+        vae = frozen.vae if frozen.vae.dtype == torch.float32 else frozen.vae.to(torch.float32)
+        trainable.export(folder, vae, text_encoder, tokenizer, scheduler, cfg)
+    trainable.set_training(True)
+    return folder
+
+
+def _write_summary(path: Path, trainable: Trainable, steps: int, seconds: float, export: Path, ckpt_root: Path,
+                   device: torch.device) -> None:
+    """What the run cost: s/step over the loop (checkpoints and validation included), peak memory (the
+    process' RSS on CPU, max allocated on CUDA), and the sizes of what it wrote."""
+    import resource
+
+    def size(folder: Path) -> int:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+    checkpoints = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
+    path.write_text(json.dumps({
+        **trainable.describe(), "steps": steps, "seconds": round(seconds, 2),
+        "seconds_per_step": round(seconds / max(steps, 1), 4), "peak_memory_mib": round(peak / 2**20, 1),
+        "checkpoint_mib": round(size(checkpoints[-1]) / 2**20, 3) if checkpoints else None,
+        "export_mib": round(size(export) / 2**20, 3)}, indent=1))
+
+
+def _push_checkpoint(publisher: BackgroundPublisher, cfg: Config, step: int, frozen: FrozenEncoders,
+                     trainable: Trainable, ema, scheduler, staging: Path) -> None:
+    """Export the weights of this checkpoint to a staging folder and upload it in the background."""
+    _export(trainable, staging, frozen, scheduler, cfg, ema)
     write_model_card(staging, cfg)
     publisher.submit(staging, f"ldm: checkpoint at step {step}")
 
 
-def train(cfg: Config, show_progress: bool = True) -> Path:
-    """Train as configured (the UNet, or a ControlNet / style adapter on it); returns the exported pipeline."""
+def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[int], None]] = None) -> Path:
+    """Train as configured (ldm.trainable: the UNet, a ControlNet or style adapter on it, a LoRA, with or without
+    the text encoder); returns the export (the pipeline folder, or the LoRA folder). `on_step(step)` is called
+    after every optimizer step (the benchmark times the loop through it)."""
     t = cfg.train
     # 1. Config against the components' own configs, before anything heavy.
     vae_info, text_info = check_components(cfg)
@@ -199,37 +217,20 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
         raise ConfigError(f"config key 'data.validation_images': {n_val} leaves nothing to train on "
                           f"({stream.size} samples); use fewer")
     stream.size -= n_val  # the last n_val samples never enter the training stream
-    val_set: list = []  # [latents, prompt_embeds], encoded at the first validation
+    val_set: list = []  # the held-back samples, encoded at the first validation
     # 4. Components. Frozen encoders load on first use (the VAE in its configured dtype, fp32 by default).
+    #    What trains is picked once, from the table in ldm.trainable; nothing below asks which it is.
     frozen = FrozenEncoders(cfg.model, device)
-    torch.manual_seed(t.seed)  # UNet initialisation is identical on every process
-    unet = build_unet(cfg, vae_info, text_info).to(device)
-    controlnet = adapter = None
-    if cfg.conditioning.type != "text":
-        # A ControlNet (sketch) or an image-prompt adapter (style) learns the condition; the text-to-image
-        # UNet they steer stays frozen.
-        unet.requires_grad_(False).eval()
-        torch.manual_seed(t.seed)
-        if cfg.conditioning.type == "sketch":
-            controlnet = build_controlnet(unet, vae_info.downsample).to(device)
-        else:
-            st = cfg.conditioning.style
-            adapter = build_style_adapter(unet, cfg.data.resolution, st.encoder_width, st.encoder_layers).to(device)
-            reference_processor = style_processor(cfg.data.resolution)
-    # The bare module: it shares its parameters with whatever wraps it below (compile, DDP), and is
-    # what EMA, checkpoints, validation and export use (its state-dict keys carry no wrapper prefix).
-    base = controlnet if controlnet is not None else adapter if adapter is not None else unet  # what trains
-    frozen_modules = [unet] if base is not unet else []
-    # What the export holds as the UNet: for a style run the pretrained one, without the adapter's processors.
-    export_unet = build_unet(cfg, vae_info, text_info) if adapter is not None else unet
+    trainable = build_trainable(cfg, lambda: build_unet(cfg, vae_info, text_info), vae_info.downsample,
+                                text=lambda: frozen.text).to(device)
     scheduler = build_scheduler(cfg.model.scheduler)
     if t.gradient_checkpointing:
-        for module in [base, *frozen_modules]:
+        for module in trainable.modules():
             if hasattr(module, "enable_gradient_checkpointing"):
                 module.enable_gradient_checkpointing()
     if t.attention == "xformers":
         try:
-            for module in [base, *frozen_modules]:
+            for module in trainable.modules():
                 module.enable_xformers_memory_efficient_attention()
         except Exception as err:
             raise ConfigError(f"config key 'train.attention': xformers is not usable here ({err}); "
@@ -240,29 +241,32 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
         vae_fp, text_fp = cache_fingerprints(cfg, frozen)
         encoded = build_cache(stream, cfg.data.cache_dir, lambda: frozen.vae, lambda: frozen.text, vae_fp, text_fp,
                               accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
-                              show_progress=show_progress and main,
-                              sketch_threshold=cfg.conditioning.sketch.threshold if controlnet is not None else None)
+                              show_progress=show_progress and main, sketch_threshold=trainable.sketch_threshold)
         loaded = [name for name, was in frozen.loaded.items() if was]
-        accelerator.print(f"cache ready in {cfg.data.cache_dir}; encoders loaded to fill it: {', '.join(loaded) or 'none'}")
+        accelerator.print(f"cache ready in {cfg.data.cache_dir}; encoders loaded to fill it: "
+                          f"{', '.join(loaded) or 'none'}")
     if t.channels_last:
-        for module in [base, *frozen_modules]:
+        for module in trainable.modules():
             module.to(memory_format=torch.channels_last)
-    # 6. Optimiser (fused kernel on CUDA), LR schedule (stepped once per optimizer step, whatever the
-    #    process count), EMA.
-    optimizer = torch.optim.AdamW(base.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+    # 6. Optimiser (fused kernel on CUDA) over what trains, LR schedule (stepped once per optimizer step,
+    #    whatever the process count), EMA of the same parameters.
+    params = trainable.parameters()
+    optimizer = torch.optim.AdamW(trainable.param_groups(t.lr, cfg.model.text_encoder.lr),
+                                  betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
                                   fused=device.type == "cuda")
     lr_schedule = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                                 num_training_steps=t.max_steps)
-    ema = EMAModel(base.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup) \
-        if t.ema_decay is not None else None
+    ema = EMAModel(params, decay=t.ema_decay, use_ema_warmup=t.ema_warmup) if t.ema_decay is not None else None
     if ema is not None:
         ema.to(device)
-    if t.compile:
-        model = torch.compile(base)
-    else:
-        model = base
+    # The bare module shares its parameters with whatever wraps it here (compile, DDP); EMA, checkpoints,
+    # validation and export use the bare one (its state-dict keys carry no wrapper prefix).
+    model = torch.compile(trainable.module) if t.compile else trainable.module
     model, optimizer = accelerator.prepare(model, optimizer)
+    # A trained text encoder is a second wrapped model (DDP all-reduces its gradients too).
+    text_model = accelerator.prepare(trainable.text_encoder) if trainable.text_encoder is not None else None
+    wrapped = [m for m in (model, text_model) if m is not None]
     # Resume: weights, EMA, optimizer, LR schedule, grad scaler, RNG and the data position.
     ckpt_root = out / "checkpoints"
     step, start_micro = 0, 0
@@ -273,12 +277,11 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
         if folder is None:
             accelerator.print(f"train.resume=latest: no complete checkpoint in {ckpt_root}; starting from step 0")
         else:
-            state = load_training_state(folder, base, ema, optimizer, lr_schedule, accelerator)
+            state = load_training_state(folder, trainable, ema, optimizer, lr_schedule, accelerator)
             step, start_micro = state.step, state.micro_step
             accelerator.print(f"resumed from {folder} at step {step}")
     if main and t.checkpoint_every:
-        check_disk_space(out, estimate_checkpoint_bytes(base, ema is not None),
-                         "a checkpoint of this run")
+        check_disk_space(out, estimate_checkpoint_bytes(trainable, ema is not None), "a checkpoint of this run")
     # 7. The loop. Micro-batch k of this process holds stream positions from StreamBatches.
     k_accum = t.gradient_accumulation_steps
     sampler = StreamBatches(t.batch_size, start_micro, t.max_steps * k_accum, accelerator.process_index,
@@ -289,42 +292,32 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
     running, window_start, window_steps, bad_streak = torch.zeros((), device=device), time.time(), 0, 0
     publisher = BackgroundPublisher(cfg.hub.repo_id, cfg.hub.private, cfg.hub.retries, accelerator.print) \
         if cfg.hub.push_checkpoints else None
-    trains = {"text": "UNet", "sketch": "ControlNet", "style": "style adapter"}[cfg.conditioning.type]
-    bar = tqdm(total=t.max_steps, initial=step, desc=f"stage 2 ({trains})", disable=not (show_progress and main))
-    model.train()
+    accelerator.print(f"training the {trainable.label}: {sum(p.numel() for p in params):,} parameters")
+    bar = tqdm(total=t.max_steps, initial=step, desc=f"stage 2 ({trainable.label})",
+               disable=not (show_progress and main))
+    trainable.set_training(True)
+    loop_start, first_step = time.time(), step
     for batch in iterate_batches(stream, sampler, encoded, cfg.data.num_workers, device.type == "cuda"):
         draws = draw_samples(t.seed, batch["position"], latent_shape, cfg.model.scheduler.num_train_timesteps,
                              cfg.data.caption_dropout)
         if cfg.data.latent_sample == "mean":
             draws.latent_eps.zero_()  # z = mean + std · 0
-        latents, prompt_embeds = encode_batch(batch, draws, encoded, frozen, device)
+        latents, prompt_embeds = encode_batch(batch, draws, encoded, frozen, device, text_model is not None)
         if t.record_samples:
             _record(out / f"samples_rank{accelerator.process_index}.jsonl", step + 1, batch)
-        sketch = keep = None
-        if controlnet is not None:
-            sketch = (encoded.sketches(batch["index"], batch["position"]) if encoded is not None else
-                      sketch_from_pixels(batch["pixel_values"], cfg.conditioning.sketch.threshold)).to(device)
-            keep = ~drop_condition(t.seed, [int(p) for p in batch["position"]], cfg.conditioning.sketch.dropout,
-                                  SKETCH_STREAM)
-        reference = None
-        if adapter is not None:
-            indices = [int(i) for i in batch["index"]]
-            reference = reference_processor([style_reference(stream.source, i) for i in indices],
-                                            return_tensors="pt").pixel_values.to(device)
-            keep = ~drop_condition(t.seed, [int(p) for p in batch["position"]], cfg.conditioning.style.dropout,
-                                  STYLE_STREAM)
-        with accelerator.accumulate(model), accelerator.autocast():
-            loss = train_step(unet if base is not unet else model, scheduler, latents, prompt_embeds,
-                              draws.noise.to(device), draws.timesteps.to(device), cfg.model.scheduler.prediction_type,
-                              t.snr_gamma, controlnet=model if controlnet is not None else None, sketch=sketch,
-                              keep=keep, adapter=model if adapter is not None else None, reference=reference)
+        inputs = trainable.inputs(batch, encoded, stream, device)
+        with accelerator.accumulate(*wrapped), accelerator.autocast():
+            if prompt_embeds is None:  # the text encoder trains: encode with gradients
+                prompt_embeds = trainable.prompt_embeds(text_model, captions_of(batch, draws))
+            loss = train_step(trainable, model, scheduler, latents, prompt_embeds, draws.noise.to(device),
+                              draws.timesteps.to(device), cfg.model.scheduler.prediction_type, t.snr_gamma, **inputs)
             accelerator.backward(loss)
             running += loss.detach() / k_accum
             if not accelerator.sync_gradients:
                 continue
             # Non-finite guard: one host sync per optimizer step. Under fp16 the grad scaler already
             # skips overflowing steps, so only a non-finite loss counts there.
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
             finite = torch.isfinite(loss.detach()) & (torch.isfinite(grad_norm) if accelerator.scaler is None
                                                       else torch.ones((), dtype=torch.bool, device=device))
             if bool(accelerator.reduce(finite.float(), reduction="sum") == accelerator.num_processes):
@@ -342,10 +335,12 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
         if ema is not None and bad_streak == 0:
-            ema.step(base.parameters())
+            ema.step(params)
         step += 1
         window_steps += 1
         bar.update(1)
+        if on_step is not None:
+            on_step(step)
         if step % t.log_every == 0 or step == t.max_steps:
             mean_loss = accelerator.reduce(running, reduction="mean").item() / window_steps
             rate = window_steps * global_batch / max(time.time() - window_start, 1e-9)
@@ -356,33 +351,32 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
             running.zero_()
             window_start, window_steps = time.time(), 0
         if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.max_steps):
-            save_training_state(ckpt_root, step, step * k_accum, base, ema, optimizer, lr_schedule, accelerator,
+            save_training_state(ckpt_root, step, step * k_accum, trainable, ema, optimizer, lr_schedule, accelerator,
                                 cfg, t.checkpoints_total_limit)
             if publisher is not None and main and step < t.max_steps and not publisher.busy:
-                _push_checkpoint(publisher, cfg, step, frozen, export_unet, controlnet, adapter, ema, scheduler,
-                                 out / "hub_staging")
+                _push_checkpoint(publisher, cfg, step, frozen, trainable, ema, scheduler, out / "hub_staging")
         if t.validate_every and step % t.validate_every == 0 and step < t.max_steps and main:
-            with ema_weights(base, ema if t.ema_for_export else None):
-                validate(cfg, step, frozen, unet, scheduler, out, accelerator, controlnet, stream, adapter)
-                if base is unet:  # (the loss per timestep bucket is the text model's measure)
-                    log_validation_loss(cfg, step, stream, val_set, frozen, unet, scheduler, out, accelerator)
-            base.train()
+            trainable.set_training(False)
+            with ema_weights(trainable, ema if t.ema_for_export else None):
+                validate(cfg, step, frozen, trainable, scheduler, out, accelerator, stream)
+                log_validation_loss(cfg, step, stream, val_set, frozen, trainable, scheduler, out, accelerator)
+            trainable.set_training(True)
     bar.close()
+    loop_seconds = time.time() - loop_start
     # 8. Export (EMA weights by default) and a last validation grid.
-    _check_ranks_agree(accelerator, base)
-    folder = out / "pipeline"
+    _check_ranks_agree(accelerator, trainable)
+    folder = out / trainable.export_folder
     if main:
-        base.eval()
-        with ema_weights(base, ema if t.ema_for_export else None):
-            tokenizer, text_encoder = frozen.text
-            export_pipeline(folder, frozen.vae.to(torch.float32), text_encoder, tokenizer, export_unet, scheduler,
-                            cfg, controlnet=controlnet, style_adapter=adapter)
+        _export(trainable, folder, frozen, scheduler, cfg, ema)
+        trainable.set_training(False)
+        with ema_weights(trainable, ema if t.ema_for_export else None):
             if t.validate_every:
-                validate(cfg, step, frozen, unet, scheduler, out, accelerator, controlnet, stream, adapter)
-            if base is unet:
-                log_validation_loss(cfg, step, stream, val_set, frozen, unet, scheduler, out, accelerator)
+                validate(cfg, step, frozen, trainable, scheduler, out, accelerator, stream)
+            log_validation_loss(cfg, step, stream, val_set, frozen, trainable, scheduler, out, accelerator)
         grids = sorted((out / "validation").glob("step_*.png"))
         write_model_card(folder, cfg, images=tuple(grids[-1:]))
+        _write_summary(out / "train_summary.json", trainable, step - first_step, loop_seconds, folder, ckpt_root,
+                       device)
         if publisher is not None:
             publisher.wait()
         if cfg.hub.repo_id is not None:  # a failed upload is logged; the run and its files stand
@@ -391,3 +385,4 @@ def train(cfg: Config, show_progress: bool = True) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return folder
+

@@ -13,55 +13,43 @@ import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
-from ldm.components import FrozenEncoders
-from ldm.conditions import sketch_from_pixels, style_processor, style_reference
+from ldm.components import FrozenEncoders, encode_prompts
 from ldm.config import Config
-from ldm.data import SampleStream
+from ldm.data import SampleStream, prepare_image
 from ldm.evaluation import encode_images, validation_loss
-from ldm.images import make_grid, save_png, to_pil
-from ldm.pipeline import assemble_pipeline, generate
+from ldm.images import make_grid, save_png
+from ldm.pipeline import generate
+from ldm.trainable import Trainable
 
 
 @contextmanager
-def ema_weights(unet, ema: Optional[EMAModel]):
-    """Temporarily swap the EMA weights into `unet` (training weights restored afterwards)."""
+def ema_weights(trainable: Trainable, ema: Optional[EMAModel]):
+    """Temporarily swap the EMA weights into what trains (training weights restored afterwards)."""
     if ema is None:
         yield
         return
-    ema.store(unet.parameters())
-    ema.copy_to(unet.parameters())
+    params = trainable.parameters()
+    ema.store(params)
+    ema.copy_to(params)
     try:
         yield
     finally:
-        ema.restore(unet.parameters())
+        ema.restore(params)
 
 
-def validate(cfg: Config, step: int, frozen: FrozenEncoders, unet, scheduler, out: Path,
-             accelerator: Accelerator, controlnet=None, stream: Optional[SampleStream] = None,
-             adapter=None) -> Path:
-    """Fixed prompts and seed → a PNG grid (and TensorBoard images). With a ControlNet, prompt k is drawn
-    on the sketch of stream sample k; with a style adapter, in the style of that sample's reference (the
-    sketches or references lead the grid)."""
+def validate(cfg: Config, step: int, frozen: FrozenEncoders, trainable: Trainable, scheduler, out: Path,
+             accelerator: Accelerator, stream: SampleStream) -> Path:
+    """Fixed prompts and seed → a PNG grid (and TensorBoard images). A condition's inputs lead the grid
+    (prompt k drawn on the sketch of stream sample k, or in the style of its reference)."""
     tokenizer, text_encoder = frozen.text
-    pipe = assemble_pipeline(frozen.vae, text_encoder, tokenizer, unet, scheduler, sampler=cfg.sample.sampler,
-                             controlnet=controlnet, image_encoder=adapter.image_encoder if adapter else None,
-                             feature_extractor=style_processor(cfg.data.resolution) if adapter else None)
+    pipe = trainable.pipeline(frozen.vae, text_encoder, tokenizer, scheduler, cfg.sample.sampler)
     s = cfg.sample
-    sketches = references = None
-    if adapter is not None:
-        assert stream is not None
-        references = [style_reference(stream.source, stream.index_of(k)) for k in range(len(s.prompts))]
-    if controlnet is not None:
-        assert stream is not None
-        pixels = torch.stack([stream[k]["pixel_values"] for k in range(len(s.prompts))])
-        sketches = [to_pil(x) for x in sketch_from_pixels(pixels, cfg.conditioning.sketch.threshold) * 2 - 1]
+    lead, condition = trainable.validation_inputs(stream, len(s.prompts))
     results = generate(pipe, s.prompts, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale,
                        num_inference_steps=s.num_inference_steps, sampler=s.sampler, seed=s.seed,
                        num_images_per_prompt=s.num_images_per_prompt, batch_size=s.batch_size,
-                       device=accelerator.device, sketch=sketches,
-                       conditioning_scale=cfg.conditioning.sketch.conditioning_scale, style=references,
-                       style_scale=cfg.conditioning.style.scale)
-    images = (sketches or references or []) + [r.image for r in results]
+                       device=accelerator.device, **condition)
+    images = lead + [r.image for r in results]
     path = save_png(make_grid(images), out / "validation" / f"step_{step:06d}.png",
                     {"step": step, "prompts": list(s.prompts), "seed": s.seed, "sampler": s.sampler})
     for tracker in accelerator.trackers:
@@ -74,16 +62,31 @@ def validate(cfg: Config, step: int, frozen: FrozenEncoders, unet, scheduler, ou
 
 
 def log_validation_loss(cfg: Config, step: int, stream: SampleStream, val_set: list, frozen: FrozenEncoders,
-                         unet, scheduler, out: Path, accelerator: Accelerator) -> None:
-    """Loss per timestep bucket on the held-back samples (fixed draws); appended to validation_loss.jsonl."""
+                         trainable: Trainable, scheduler, out: Path, accelerator: Accelerator) -> None:
+    """Loss per timestep bucket on the held-back samples (fixed draws, conditions on); appended to
+    validation_loss.jsonl. `val_set` caches [latents, prompt_embeds, extra inputs, captions] between calls
+    (the prompt embeddings are encoded again when the text encoder trains)."""
     n = cfg.data.validation_images
     if not n:
         return
+    device = accelerator.device
     if not val_set:
-        items = [stream.source.get(i) for i in range(stream.size, stream.size + n)]
+        indices = list(range(stream.size, stream.size + n))
+        items = [stream.source.get(i) for i in indices]
         val_set += encode_images(frozen.vae, *frozen.text, [im for im, _ in items], [c for _, c in items],
                                  cfg.data.resolution)
-    losses = validation_loss(unet, scheduler, *val_set, cfg.model.scheduler.prediction_type, seed=cfg.train.seed)
+        pixels = torch.stack([prepare_image(im, cfg.data, flip=False) for im, _ in items])
+        val_set += [trainable.held_back_inputs(stream, indices, pixels, torch.device("cpu")), [c for _, c in items]]
+    latents, embeds, extra, captions = val_set
+    if trainable.text_encoder is not None:
+        embeds = torch.cat([encode_prompts(*frozen.text, captions[i:i + 64]).cpu() for i in range(0, n, 64)])
+
+    def predict(noisy_latents, timesteps, prompt_embeds, rows):
+        inputs = {k: v[rows].to(device) for k, v in extra.items()}
+        return trainable.predict(trainable.module, noisy_latents, timesteps, prompt_embeds, **inputs)
+
+    losses = validation_loss(predict, scheduler, latents, embeds, cfg.model.scheduler.prediction_type,
+                             seed=cfg.train.seed, device=device)
     accelerator.log({f"val/loss_{k}": v for k, v in losses.items()}, step=step)
     with (out / "validation_loss.jsonl").open("a") as f:
         f.write(json.dumps({"step": step, **losses}) + "\n")

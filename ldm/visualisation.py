@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from ldm.components import latent_distribution
 from ldm.config import DataConfig
 from ldm.data import prepare_image
 from ldm.images import make_grid
@@ -31,7 +32,7 @@ def forward_strip(pipe, image: Image.Image, timesteps: Sequence[int] = (0, 50, 1
     """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε for each t (one ε), decoded: a row from the image to pure noise."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     x = prepare_image(image, DataConfig(resolution=size))  # (3, H, W) in [-1, 1]
-    latents = pipe.vae.encode(x[None]).latent_dist.mean * pipe.vae.config.scaling_factor  # (1, C, h, w)
+    latents = latent_distribution(pipe.vae, x[None])[0]  # (1, C, h, w)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     t = torch.tensor(list(timesteps))
     noisy = pipe.scheduler.add_noise(latents.expand(len(t), -1, -1, -1), noise.expand(len(t), -1, -1, -1), t)

@@ -8,7 +8,7 @@ data.cache is on; run it ahead, e.g. once per machine, or under accelerate launc
 from accelerate import PartialState
 
 from ldm.cache import build_cache
-from ldm.components import FrozenEncoders, cache_fingerprints, load_tokenizer
+from ldm.components import FrozenEncoders, cache_fingerprints, check_components, load_tokenizer
 from ldm.config import argument_parser, load_config
 from ldm.data import SampleStream
 from ldm.sources import open_audited
@@ -17,6 +17,7 @@ from ldm.sources import open_audited
 def main() -> None:
     args = argument_parser(__doc__).parse_args()
     cfg = load_config(args.config, args.overrides)
+    check_components(cfg)  # (also points model.* at the pipeline of model.pretrained)
     state = PartialState()
     stream = SampleStream(open_audited(cfg.data, load_tokenizer(cfg.model.text_encoder)), cfg.data, cfg.train.seed)
     frozen = FrozenEncoders(cfg.model, state.device)

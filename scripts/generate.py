@@ -34,6 +34,9 @@ def main() -> None:
     p.add_argument("--conditioning-scale", type=float, default=1.0, help="how strongly the sketch steers")
     p.add_argument("--style", help="a reference picture for a style-adapter pipeline")
     p.add_argument("--style-scale", type=float, default=1.0, help="how strongly the reference's style steers")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA file or exported lora/ folder (Diffusers or kohya format), scale 1 by default; "
+                        "repeatable")
     p.add_argument("--out", default="outputs/samples")
     a = p.parse_args()
     prompts = list(a.prompt)
@@ -47,7 +50,8 @@ def main() -> None:
                        guidance_rescale=a.guidance_rescale, strength=a.strength,
                        init_image=Image.open(a.init_image) if a.init_image else None,
                        sketch=Image.open(a.sketch) if a.sketch else None, conditioning_scale=a.conditioning_scale,
-                       style=Image.open(a.style) if a.style else None, style_scale=a.style_scale)
+                       style=Image.open(a.style) if a.style else None, style_scale=a.style_scale,
+                       loras=a.lora)
     paths = save_generations(results, a.out)
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
 

@@ -3,9 +3,9 @@
     python scripts/quickstart.py                       # configs/quickstart.yaml
     python scripts/quickstart.py train.max_steps=200   # any dotted override
 
-Writes outputs/quickstart/{vae,text2img/pipeline,samples,probe} (the parent of train.output_dir) and prints the checker's accuracy on
-every colour × shape × position prompt (216 prompts × 2 seeds = 432 images), separately for the
-combinations seen in training and those held out of it (data.shapes.holdout).
+Writes outputs/quickstart/{vae,text2img/pipeline,samples,probe} (the parent of train.output_dir) and prints
+the checker's accuracy on every colour × shape × position prompt (216 prompts × 2 seeds = 432 images),
+separately for the combinations seen in training and those held out of it (data.shapes.holdout).
 """
 
 import json

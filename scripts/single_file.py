@@ -1,6 +1,7 @@
 """Convert between a Diffusers pipeline folder and one `.safetensors` file in the original SD (LDM) layout.
 
-    python scripts/single_file.py export --model outputs/quickstart/text2img/pipeline --out model.safetensors --precision fp16
+    python scripts/single_file.py export --model outputs/quickstart/text2img/pipeline --out model.safetensors \\
+        --precision fp16
     python scripts/single_file.py import --file model.safetensors --out outputs/imported
 The file loads in AUTOMATIC1111 / ComfyUI (CLIP text encoders), in Diffusers' `from_single_file`
 (with `--configs` written beside it) and everywhere ldm names a model (`generate.py --model model.safetensors`).

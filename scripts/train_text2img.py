@@ -25,7 +25,7 @@ def main() -> None:
               f"training ≈ {report['train_tflops_per_image']:.2f} TFLOP per image")
         print(json.dumps(report))
         return
-    print(f"exported pipeline: {train(cfg)}")
+    print(f"exported: {train(cfg)}")
 
 
 if __name__ == "__main__":

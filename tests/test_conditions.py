@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from ldm.config import ConfigError, load_config
 from ldm.shapes import ShapeSpec, render
 
@@ -32,7 +33,8 @@ def sketch_model(text_model, tmp_path_factory) -> Path:
     from ldm.train import train
 
     out = tmp_path_factory.mktemp("sketch_model")
-    cfg = load_config(None, _sketch_overrides(text_model, out) + [f"data.cache_dir={out / 'cache'}"])
+    cfg = load_config(None, _sketch_overrides(text_model, out) + [f"data.cache_dir={out / 'cache'}",
+                                                                   "data.validation_images=4"])
     return train(cfg, show_progress=False)
 
 
@@ -89,6 +91,8 @@ def test_sketch_run_exports_a_controlnet_pipeline_that_plain_diffusers_reproduce
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "step_000003"
     assert (run / "checkpoints" / "step_000003" / "controlnet.safetensors").is_file()
     assert list((run / "validation").glob("step_*.png"))  # the grid: sketches, then the pictures drawn on them
+    losses = [json.loads(line) for line in (run / "validation_loss.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in losses] == [2, 3] and all(0 < row["mean"] < 10 for row in losses)
     pipe = DiffusionPipeline.from_pretrained(sketch_model)
     assert isinstance(pipe, StableDiffusionControlNetPipeline)
     sketch = sketch_image(render(ShapeSpec("green", "triangle", "top left"), 16))
@@ -124,6 +128,7 @@ def test_sketch_run_resumes_from_its_checkpoint_and_cache(sketch_model, tmp_path
     train(cfg, show_progress=False)
     assert (run / "checkpoints" / "step_000004" / "controlnet.safetensors").is_file()
     stream = SampleStream(open_source(cfg.data), cfg.data, cfg.train.seed)
+    stream.size -= cfg.data.validation_images  # as train() holds them back
     frozen = FrozenEncoders(cfg.model, torch.device("cpu"))
     encoded = build_cache(stream, cfg.data.cache_dir, lambda: frozen.vae, lambda: frozen.text,
                           *cache_fingerprints(cfg, frozen), show_progress=False, sketch_threshold=0.1)
@@ -183,12 +188,14 @@ def style_model(tiny, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("style")
     styled = ["data.shapes.styles=[white, grey, dark]"]
     base = train(load_config(None, tiny_overrides(tiny, root / "base") + styled), show_progress=False)
-    cfg = load_config(None, [f"model.pretrained={base}", "conditioning.type=style", "conditioning.style.encoder_width=16",
+    cfg = load_config(None, [f"model.pretrained={base}", "conditioning.type=style",
+                             "conditioning.style.encoder_width=16",
                              "conditioning.style.encoder_layers=1", "data.dataset=shapes", "data.resolution=16",
                              "data.shapes.num_images=32", f"train.output_dir={root / 'adapter'}", "train.batch_size=4",
                              "train.max_steps=3", "train.lr=1e-3", "train.report_to=none", "train.validate_every=2",
                              "train.checkpoint_every=2", "train.ema_decay=0.9", f"sample.prompts={PROMPTS}",
-                             "sample.num_inference_steps=3", "sample.guidance_scale=3.0", *styled])
+                             "sample.num_inference_steps=3", "sample.guidance_scale=3.0", "data.validation_images=4",
+                             *styled])
     return train(cfg, show_progress=False)
 
 
@@ -200,6 +207,8 @@ def test_style_run_exports_an_ip_adapter_that_plain_diffusers_reproduces(style_m
 
     run = style_model.parent
     assert (run / "checkpoints" / "step_000003" / "style_adapter.safetensors").is_file()
+    losses = [json.loads(line) for line in (run / "validation_loss.jsonl").read_text().splitlines()]
+    assert losses and all(0 < row["mean"] < 10 for row in losses)  # conditioned runs log it too
     assert list((run / "validation").glob("step_*.png"))
     weights = load_file(style_model / "ip_adapter" / "ip_adapter.safetensors")
     assert "image_proj.proj.weight" in weights and "ip_adapter.1.to_k_ip.weight" in weights

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import tiny_overrides
+
 from ldm.components import check_components
 from ldm.config import Config, ConfigError, load_config, parse_override, save_config
 
@@ -72,7 +72,8 @@ def test_missing_config_file_is_named(tmp_path):
 def test_resolution_the_vae_and_unet_cannot_divide(tiny, tmp_path):
     # tiny VAE: f = 2; a 3-level UNet halves twice more -> multiples of 8 (also the pipeline's rule).
     cfg = load_config(None, tiny_overrides(tiny, tmp_path) + [
-        "data.resolution=36", "model.unet.block_out_channels=[16, 32, 32]", "model.unet.cross_attention=[false, true, true]"])
+        "data.resolution=36", "model.unet.block_out_channels=[16, 32, 32]",
+        "model.unet.cross_attention=[false, true, true]"])
     with pytest.raises(ConfigError) as err:
         check_components(cfg)
     assert "'data.resolution': 36 is not divisible by 8 (VAE downsampling 2 × UNet downsampling 4" in str(err.value)

@@ -89,7 +89,8 @@ def test_written_out_ddpm_step_matches_the_ddpm_sampler():
         eps = torch.randn(x.shape, generator=g, dtype=torch.float64)  # stands in for ε_θ(x_t, t)
         z_seed = 1000 + t
         ours = ddpm_reverse_step(x, eps, t, betas,
-                                 torch.randn(x.shape, generator=torch.Generator().manual_seed(z_seed), dtype=torch.float64))
+                                 torch.randn(x.shape, generator=torch.Generator().manual_seed(z_seed),
+                                             dtype=torch.float64))
         theirs = sched.step(eps, t, x, generator=torch.Generator().manual_seed(z_seed)).prev_sample
         assert (ours - theirs).abs().max().item() <= 1e-5, t
         x = theirs

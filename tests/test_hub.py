@@ -11,16 +11,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_overrides
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
 from ldm.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +53,8 @@ class FakeHub:
                 hub.failures -= 1
                 raise hub.error or ConnectionError("connection reset by peer")
             files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
-            hub.uploads.append({"repo_id": repo_id, "files": set(filter_repo_objects(files, allow_patterns=allow_patterns)),
+            uploaded = set(filter_repo_objects(files, allow_patterns=allow_patterns))
+            hub.uploads.append({"repo_id": repo_id, "files": uploaded,
                                 **kwargs})
             return f"https://huggingface.co/{repo_id}/commit/abc"
 
@@ -168,8 +168,11 @@ def test_uncached_hub_ids_fail_with_one_offline_message(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
     with pytest.raises(ConfigError, match=r"'nobody/not-cached-model'.*HF_HUB_OFFLINE=1"):
         load_pipeline("nobody/not-cached-model")
+    from ldm.components import resolve_pretrained
+
+    cfg = load_config(None, ["model.pretrained=nobody/not-cached-model"])  # pure: reads no model folder
     with pytest.raises(ConfigError, match=r"model.pretrained.*'nobody/not-cached-model'.*HF_HUB_OFFLINE=1"):
-        load_config(None, ["model.pretrained=nobody/not-cached-model"])
+        resolve_pretrained(cfg)
 
 
 def test_fine_tuning_an_exported_pipeline_from_its_folder(exported, tmp_path):
@@ -179,6 +182,10 @@ def test_fine_tuning_an_exported_pipeline_from_its_folder(exported, tmp_path):
                              "data.shapes.num_images=32", f"train.output_dir={tmp_path / 'ft'}", "train.batch_size=4",
                              "train.max_steps=2", "train.lr=1e-4", "train.ema_decay=null", "train.report_to=none",
                              "train.validate_every=0", "sample.num_inference_steps=2"])
+    assert cfg.model.unet.path is None  # load_config reads no model folder; resolving is the caller's step
+    from ldm.components import resolve_pretrained
+
+    resolve_pretrained(cfg)
     assert cfg.model.unet.block_out_channels == [16, 32] and cfg.model.unet.path == str(exported)
     assert cfg.model.text_encoder.subfolder == "text_encoder" and cfg.model.vae.subfolder == "vae"
     assert cfg.model.text_encoder.max_length == 12  # the exported tokenizer's padding length

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_overrides, write_config
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides, write_config
 from ldm.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,8 @@ def test_two_processes_match_one_process_at_twice_the_batch(tiny, tmp_path):
     # adam_epsilon 1e-4: DDP's all-reduce sums gradients in another order than one big batch (fp32 noise ~1e-7
     # relative), and Adam's update g/(|g| + ε) turns that noise into lr-sized differences wherever |g| ≈ ε.
     # With ε well above that scale the two runs agree to 1.6e-7 (1.4e-4 with ε = 1e-8).
-    common = tiny_overrides(tiny, tmp_path) + ["train.max_steps=3", "train.checkpoint_every=3", "train.adam_epsilon=1e-4",
+    common = tiny_overrides(tiny, tmp_path) + ["train.max_steps=3", "train.checkpoint_every=3",
+                                               "train.adam_epsilon=1e-4",
                                                "train.record_samples=true", "train.lr_scheduler=cosine"]
     two = write_config(tmp_path / "two.yaml", common + [f"train.output_dir={tmp_path / 'two'}", "train.batch_size=2",
                                                          "train.validate_every=2"])  # rank 0 validates mid-run
@@ -205,7 +206,8 @@ def test_nonfinite_loss_is_skipped_then_stops(tiny, tmp_path, monkeypatch, capsy
         ldm.train.train(cfg, show_progress=False)
 
     monkeypatch.setattr(ldm.train, "train_step", lambda *a, **k: inner(*a, **k) * float("nan"))
-    cfg = load_config(None, tiny_overrides(tiny, tmp_path / "streak") + ["train.max_steps=9", "train.max_nonfinite_steps=3"])
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path / "streak") + ["train.max_steps=9",
+                                                                        "train.max_nonfinite_steps=3"])
     with pytest.raises(FloatingPointError, match="after 3 non-finite step"):
         ldm.train.train(cfg, show_progress=False)
 
@@ -252,8 +254,9 @@ def test_validation_with_ema_restores_the_training_weights(tiny, tmp_path):
 
     base = tiny_overrides(tiny, tmp_path) + ["train.max_steps=3", "train.checkpoint_every=3", "train.ema_decay=0.5",
                                              "train.ema_warmup=true"]
-    train(load_config(None, base + [f"train.output_dir={tmp_path / 'v'}", "train.validate_every=1"]), show_progress=False)
-    train(load_config(None, base + [f"train.output_dir={tmp_path / 'n'}", "train.validate_every=0"]), show_progress=False)
+    for name, every in (("v", 1), ("n", 0)):
+        train(load_config(None, base + [f"train.output_dir={tmp_path / name}", f"train.validate_every={every}"]),
+              show_progress=False)
     a = tmp_path / "v" / "checkpoints" / "step_000003"
     b = tmp_path / "n" / "checkpoints" / "step_000003"
     assert _max_diff(load_file(str(a / "unet.safetensors")), load_file(str(b / "unet.safetensors"))) == 0.0

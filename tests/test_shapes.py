@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from ldm.shapes import COLOURS, POSITIONS, SHAPES, ShapeSpec, ShapesDataset, all_specs, read_image, score
+from ldm.shapes import COLOURS, POSITIONS, SHAPES, ShapesDataset, ShapeSpec, all_specs, read_image, score
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
@@ -95,3 +95,20 @@ def test_probe_scores_split_seen_and_held_out():
     assert out["seen"]["all"] == 1.0 and out["seen"]["n"] == 2
     assert out["held_out"] == {"colour": 1.0, "shape": 0.0, "position": 1.0, "all": 0.0, "n": 1}
     assert set(split_scores(ProbeResult({}, specs, readings, []), [])) == {"seen"}
+
+
+def test_focus_interleaves_a_fixed_fraction_of_the_focus_combinations():
+    from collections import Counter
+
+    from ldm.shapes import ShapesDataset, parse_holdout
+
+    data = ShapesDataset(720, 32, focus=parse_holdout(["purple * *"]), focus_fraction=0.5,
+                         exclude=parse_holdout(["red cross *"]))
+    specs = [data.spec(i) for i in range(720)]
+    colours = Counter(s.colour for s in specs)
+    assert colours["purple"] == 360 and all(s.colour == "purple" for s in specs[1::2])  # every second picture
+    assert Counter(s for s in specs if s.colour == "purple").most_common()[-1][1] == 10  # 36 combinations × 10
+    assert not any(s.colour == "red" and s.shape == "cross" for s in specs)  # held out stays out
+    assert len({s for s in specs if s.colour != "purple"}) == 216 - 36 - 9  # the replay covers every other one
+    with pytest.raises(ValueError, match="every focus combination is held out"):
+        ShapesDataset(10, 32, focus=parse_holdout(["red cross *"]), exclude=parse_holdout(["red * *"]))

@@ -153,7 +153,8 @@ def test_scripts_export_import_and_generate_from_the_file(quickstart, tmp_path):
                          "--precision", "fp16", "--configs", str(tmp_path / "configs"))
     assert (tmp_path / "configs" / "unet" / "config.json").is_file()
     run("scripts/single_file.py", "import", "--file", str(file), "--out", str(tmp_path / "imported"))
-    assert list(DiffusionPipeline.from_pretrained(tmp_path / "imported").unet.config.block_out_channels) == [64, 128, 128]
+    imported = DiffusionPipeline.from_pretrained(tmp_path / "imported")
+    assert list(imported.unet.config.block_out_channels) == [64, 128, 128]
     run("scripts/generate.py", "--model", str(file), "--prompt", "a red circle in the center", "--steps", "2",
         "--out", str(tmp_path / "samples"))
     assert (tmp_path / "samples" / "0000_seed0.png").is_file()
