@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import yaml
 
@@ -465,3 +465,15 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="YAML config (see configs/); defaults if omitted")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4 data.resolution=256")
     return parser
+
+
+def run_script(main: Callable[[], None]) -> None:
+    """Run a script's `main()`: a user's mistake (a ConfigError: a bad key, value, path or file) prints one
+    message that names it and the fix, and exits with status 2; tracebacks are left for ldm's own bugs."""
+    import sys
+
+    try:
+        main()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ldm.config import LoRAConfig
+from ldm.config import ConfigError, LoRAConfig
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name `load_lora_weights(folder)` looks for
 KOHYA_FILE = "lora_kohya.safetensors"
@@ -248,7 +248,8 @@ def _split(path: str) -> tuple[str, Optional[str]]:
         p = p / "lora"
     if p.is_dir():
         return str(p), DIFFUSERS_FILE if (p / DIFFUSERS_FILE).is_file() else None
-    raise ValueError(f"LoRA {path!r}: no such file or folder (give a .safetensors file or an exported lora/ folder)")
+    raise ConfigError(f"LoRA {path!r}: no such file or folder (give a .safetensors file or an exported lora/ "
+                      "folder, optionally followed by :SCALE)")
 
 
 def load_loras(pipe, loras: Sequence[LoRASpec]) -> list[tuple[str, float]]:

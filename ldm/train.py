@@ -4,7 +4,7 @@
     2. accelerator, output folder, resolved config
     3. data (columns checked before any model is built)
     4. components: frozen VAE + text encoder, DDPM noise scheduler, and what trains (ldm.trainable: the
-       UNet, a ControlNet or an image-prompt adapter on the frozen UNet, a LoRA on either), picked once
+       UNet, a ControlNet or an image-prompt adapter on the frozen UNet, a LoRA on the UNet), picked once
     5. optionally fill the fingerprinted cache (latents, prompt embeddings, sketches)
     6. optimiser, LR schedule, EMA
     7. the loop: draws → latents + prompt_embeds → train_step → backward → clip → guard → step → EMA

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ldm.autoencoder import save_untrained_autoencoder
 from ldm.benchmark import format_report, run_benchmark, save_stand_ins
-from ldm.config import argument_parser, load_config
+from ldm.config import argument_parser, load_config, run_script
 from ldm.shapes import write_imagefolder
 
 
@@ -50,4 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

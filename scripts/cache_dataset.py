@@ -9,7 +9,7 @@ from accelerate import PartialState
 
 from ldm.cache import build_cache
 from ldm.components import FrozenEncoders, cache_fingerprints, check_components, load_tokenizer
-from ldm.config import argument_parser, load_config
+from ldm.config import argument_parser, load_config, run_script
 from ldm.data import SampleStream
 from ldm.sources import open_audited
 
@@ -29,4 +29,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

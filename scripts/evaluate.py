@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ldm.config import run_script
 from ldm.evaluation import encode_images, plot_sweeps, saved_holdout, sweep, sweep_table, validation_loss
 from ldm.pipeline import load_pipeline
 from ldm.shapes import ShapesDataset
@@ -56,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

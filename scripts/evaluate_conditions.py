@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ldm.config import run_script
 from ldm.evaluation import img2img_probe, saved_holdout, sketch_probe, sketch_scores, style_probe
 from ldm.images import make_grid, save_png
 
@@ -52,4 +53,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

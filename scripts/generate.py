@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ldm.config import run_script
 from ldm.images import save_generations
 from ldm.pipeline import SAMPLERS, generate
 
@@ -57,4 +58,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ldm.config import load_config
+from ldm.config import ConfigError, load_config, run_script
 from ldm.hub import publish, upload_plan, write_model_card
 from ldm.pipeline import load_pipeline
 from ldm.single_file import export_single_file
@@ -29,6 +29,9 @@ def main() -> None:
     p.add_argument("--dry-run", action="store_true", help="write the card, list the files, upload nothing")
     a = p.parse_args()
     folder = Path(a.model)
+    if not ((folder / "model_index.json").is_file() or (folder / "pytorch_lora_weights.safetensors").is_file()):
+        raise ConfigError(f"--model {str(folder)!r} is not an exported pipeline folder (model_index.json) nor a LoRA "
+                          "folder (pytorch_lora_weights.safetensors): give the pipeline/ or lora/ folder of a run")
     saved = folder / "ldm_config.yaml"
     cfg = load_config(saved if saved.is_file() else None, [f"hub.repo_id={a.repo_id}"])
     if a.single_file:
@@ -49,4 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ldm.autoencoder import train_autoencoder
-from ldm.config import argument_parser, load_config
+from ldm.config import argument_parser, load_config, run_script
 from ldm.evaluation import format_scores, save_probe, shapes_probe, split_scores
 from ldm.images import save_generations
 from ldm.pipeline import generate, load_pipeline
@@ -46,4 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -4,7 +4,7 @@
 """
 
 from ldm.autoencoder import train_autoencoder
-from ldm.config import argument_parser, load_config
+from ldm.config import argument_parser, load_config, run_script
 
 
 def main() -> None:
@@ -13,4 +13,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

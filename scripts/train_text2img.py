@@ -7,7 +7,7 @@
 import json
 
 from ldm.components import check_components
-from ldm.config import argument_parser, load_config
+from ldm.config import argument_parser, load_config, run_script
 from ldm.train import dry_run_report, train
 
 
@@ -29,4 +29,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -348,3 +348,21 @@ def test_full_text_encoder_fine_tune_with_its_own_lr_resumes_exactly(base, tmp_p
     assert _max_diff(weights, load_file(str(resumed / "checkpoints" / "step_000004" / "unet.safetensors"))) <= 1e-6
     with pytest.raises(ConfigError, match="model.text_encoder.train"):
         load_config(None, [f"model.pretrained={base}", "model.text_encoder.train=lora"])
+
+
+def test_dora_trains_and_loads_in_plain_diffusers_without_a_kohya_file(base, tmp_path):
+    from ldm.pipeline import generate
+    from ldm.train import train
+
+    folder = train(load_config(None, lora_overrides(base, tmp_path, "lora.use_dora=true", "train.max_steps=2")),
+                   show_progress=False)
+    weights = load_file(str(tmp_path / "checkpoints" / "step_000002" / "lora.safetensors"))
+    assert any("lora_magnitude_vector" in k for k in weights)  # DoRA's magnitudes train beside A and B
+    assert not (folder / "lora_kohya.safetensors").exists()
+    ours = generate(base, PROMPTS, loras=[folder], num_inference_steps=3, guidance_scale=3.0, seed=3)
+    pipe = _plain(base)
+    pipe.load_lora_weights(folder)
+    generators = [torch.Generator().manual_seed(3 + j) for j in range(len(PROMPTS))]
+    theirs = pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.0, generator=generators).images
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b)) for a, b in zip(ours, theirs))
+    assert "(DoRA)" in (folder / "README.md").read_text()
