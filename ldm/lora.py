@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ldm.config import ConfigError, LoRAConfig
@@ -215,10 +214,6 @@ def unmapped_modules(lora_keys: Iterable[str], ldm_keys: Iterable[str], layers_p
     weights = {k[len("model."):].rsplit(".", 1)[0] for k in ldm_keys if k.startswith("model.diffusion_model.")}
     return [name for name in lora_modules(lora_keys) if kohya_to_ldm(name, layers_per_block) not in weights]
 
-
-def file_keys(path: Union[str, Path]) -> list[str]:
-    with safe_open(str(path), "pt") as f:
-        return list(f.keys())
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides
 from PIL import Image
 
+from conftest import tiny_overrides
 from ldm.config import ConfigError, load_config
 from ldm.shapes import ShapesDataset
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from conftest import tiny_overrides
-
 from ldm.config import load_config
 
 

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from conftest import tiny_overrides
 
+from conftest import tiny_overrides
 from ldm.cache import build_cache
 from ldm.components import FrozenEncoders, cache_fingerprints
 from ldm.config import load_config

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
 
+from conftest import tiny_overrides
 from ldm.config import ConfigError, load_config
 from ldm.shapes import ShapeSpec, render
 
@@ -279,13 +279,9 @@ def test_conditions_train_on_two_processes(condition, text_model, style_model, t
     if condition == "style":
         overrides.append("data.shapes.styles=[white, grey, dark]")
     config = write_config(tmp_path / "run.yaml", overrides)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"}
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           "scripts/train_text2img.py", "--config", str(config)],
-                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "final weights agree on 2 process(es)" in proc.stdout
+    from test_resume import train_on_two_processes
+
+    train_on_two_processes(config)
     name = "controlnet" if condition == "sketch" else "style_adapter"
     assert (tmp_path / "run" / "checkpoints" / "step_000003" / f"{name}.safetensors").is_file()
     # and the run resumes from its checkpoint on one process

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import tiny_overrides
 
+from conftest import tiny_overrides
 from ldm.components import check_components
 from ldm.config import Config, ConfigError, load_config, parse_override, save_config
 

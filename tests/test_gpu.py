@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import _tiny_clip, _tiny_vae, tiny_overrides
 
+from conftest import _tiny_clip, _tiny_vae, tiny_overrides
 from ldm.config import load_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

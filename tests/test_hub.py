@@ -15,11 +15,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_overrides
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file
 
+from conftest import tiny_overrides
 from ldm.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides, write_config
 from safetensors.torch import load_file
-from test_resume import ROOT, _env, _launch_and_kill, _max_diff
 
+from conftest import tiny_overrides, write_config
 from ldm.config import ConfigError, load_config
+from test_resume import ROOT, _env, _launch_and_kill, _max_diff, train_on_two_processes
 
 PROMPTS = ["a red circle in the center", "a blue square on the left"]
 RANK, ALPHA = 4, 2.0  # alpha ≠ rank: every consumer must apply the scale alpha / rank = 0.5
@@ -129,13 +129,7 @@ def test_lora_two_processes_match_one(base, tmp_path):
 
     common = ["train.max_steps=2", "train.adam_epsilon=1e-4", "train.checkpoint_every=2"]
     two = write_config(tmp_path / "two.yaml", lora_overrides(base, tmp_path / "two", "train.batch_size=2", *common))
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           "scripts/train_text2img.py", "--config", str(two)],
-                          cwd=ROOT, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "final weights agree on 2 process(es)" in proc.stdout
+    train_on_two_processes(two)
     train(load_config(None, lora_overrides(base, tmp_path / "one", "train.batch_size=4", *common)), show_progress=False)
     a = load_file(str(tmp_path / "two" / "checkpoints" / "step_000002" / "lora.safetensors"))
     b = load_file(str(tmp_path / "one" / "checkpoints" / "step_000002" / "lora.safetensors"))
@@ -165,6 +159,19 @@ def _plain(base: Path):
     pipe = StableDiffusionPipeline.from_pretrained(base)
     pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _assert_plain_diffusers_matches_generate(base: Path, folder: Path):
+    """Plain Diffusers (base + load_lora_weights) gives ldm.generate's pixels; returns that pipeline."""
+    from ldm.pipeline import generate
+
+    ours = generate(base, PROMPTS, loras=[folder], num_inference_steps=3, guidance_scale=3.0, seed=3)
+    pipe = _plain(base)
+    pipe.load_lora_weights(folder)
+    generators = [torch.Generator().manual_seed(3 + j) for j in range(len(PROMPTS))]
+    theirs = pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.0, generator=generators).images
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b)) for a, b in zip(ours, theirs))
     return pipe
 
 
@@ -289,7 +296,6 @@ def clip_base(tiny, tmp_path_factory) -> Path:
 def test_text_encoder_lora_trains_exports_and_loads_in_plain_diffusers(clip_base, tmp_path):
     from safetensors import safe_open
 
-    from ldm.pipeline import generate
     from ldm.train import train
 
     folder = train(load_config(None, lora_overrides(clip_base, tmp_path, "model.text_encoder.train=lora",
@@ -305,12 +311,7 @@ def test_text_encoder_lora_trains_exports_and_loads_in_plain_diffusers(clip_base
         assert any(k.startswith("text_encoder.") for k in f.keys()) and any(k.startswith("unet.") for k in f.keys())
     with safe_open(str(folder / "lora_kohya.safetensors"), "pt") as f:
         assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in f.keys())
-    ours = generate(clip_base, PROMPTS, loras=[folder], num_inference_steps=3, guidance_scale=3.0, seed=3)
-    pipe = _plain(clip_base)
-    pipe.load_lora_weights(folder)
-    generators = [torch.Generator().manual_seed(3 + j) for j in range(len(PROMPTS))]
-    theirs = pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.0, generator=generators).images
-    assert all(np.array_equal(np.asarray(a.image), np.asarray(b)) for a, b in zip(ours, theirs))
+    pipe = _assert_plain_diffusers_matches_generate(clip_base, folder)
     assert any(ckpt[k].abs().max() > 0 for k in text if ".lora_B." in k)  # the text encoder's adapters trained
     embeds, base_embeds = (p.encode_prompt(PROMPTS, "cpu", 1, False)[0] for p in (pipe, _plain(clip_base)))
     assert (embeds - base_embeds).abs().max() > 1e-3  # and plain Diffusers applies them
@@ -351,7 +352,6 @@ def test_full_text_encoder_fine_tune_with_its_own_lr_resumes_exactly(base, tmp_p
 
 
 def test_dora_trains_and_loads_in_plain_diffusers_without_a_kohya_file(base, tmp_path):
-    from ldm.pipeline import generate
     from ldm.train import train
 
     folder = train(load_config(None, lora_overrides(base, tmp_path, "lora.use_dora=true", "train.max_steps=2")),
@@ -359,10 +359,5 @@ def test_dora_trains_and_loads_in_plain_diffusers_without_a_kohya_file(base, tmp
     weights = load_file(str(tmp_path / "checkpoints" / "step_000002" / "lora.safetensors"))
     assert any("lora_magnitude_vector" in k for k in weights)  # DoRA's magnitudes train beside A and B
     assert not (folder / "lora_kohya.safetensors").exists()
-    ours = generate(base, PROMPTS, loras=[folder], num_inference_steps=3, guidance_scale=3.0, seed=3)
-    pipe = _plain(base)
-    pipe.load_lora_weights(folder)
-    generators = [torch.Generator().manual_seed(3 + j) for j in range(len(PROMPTS))]
-    theirs = pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.0, generator=generators).images
-    assert all(np.array_equal(np.asarray(a.image), np.asarray(b)) for a, b in zip(ours, theirs))
+    _assert_plain_diffusers_matches_generate(base, folder)
     assert "(DoRA)" in (folder / "README.md").read_text()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import nbclient
 import nbformat
+
 from conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides, write_config
 from safetensors.torch import load_file
 
+from conftest import tiny_overrides, write_config
 from ldm.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +67,18 @@ def _launch_and_kill(tmp: Path, config: Path, mode: str, seconds: float, kill_wh
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def train_on_two_processes(config: Path) -> str:
+    """scripts/train_text2img.py under `accelerate launch`, 2 CPU processes (gloo); returns its stdout."""
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "scripts/train_text2img.py", "--config", str(config)],
+                          cwd=ROOT, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "final weights agree on 2 process(es)" in proc.stdout
+    return proc.stdout
 
 
 def _final_state(out: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -160,13 +172,7 @@ def test_two_processes_match_one_process_at_twice_the_batch(tiny, tmp_path):
                                                "train.record_samples=true", "train.lr_scheduler=cosine"]
     two = write_config(tmp_path / "two.yaml", common + [f"train.output_dir={tmp_path / 'two'}", "train.batch_size=2",
                                                          "train.validate_every=2"])  # rank 0 validates mid-run
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           "scripts/train_text2img.py", "--config", str(two)],
-                          cwd=ROOT, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "final weights agree on 2 process(es)" in proc.stdout
+    train_on_two_processes(two)
     from ldm.train import train
 
     train(load_config(None, common + [f"train.output_dir={tmp_path / 'one'}", "train.batch_size=4"]),

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from test_resume import ROOT, _env
 
 NOPE = "/nonexistent/ldm-test"

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides, write_config
 from PIL import Image
 
+from conftest import tiny_overrides, write_config
 from ldm.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
