@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ldm.config import AutoencoderConfig, Config, check_autoencoder_config, save_config
+from ldm.config import AutoencoderConfig, Config, ConfigError, downsampling_factor, save_config
 from ldm.data import SampleStream, StreamBatches, prepare_image
 from ldm.sources import open_audited
 
@@ -56,6 +56,15 @@ def latent_scaling_factor(vae: AutoencoderKL, batches: list[torch.Tensor], gener
     """1 / std of sampled training latents."""
     z = torch.cat([vae.encode(x.to(vae.device)).latent_dist.sample(generator) for x in batches])
     return 1.0 / z.float().std().item()
+
+
+def check_autoencoder_config(cfg: Config) -> None:
+    """Stage 1 only: the latent grid must tile the image exactly."""
+    factor = downsampling_factor(cfg.autoencoder.block_out_channels)
+    if cfg.data.resolution % factor:
+        raise ConfigError(f"config key 'data.resolution': {cfg.data.resolution} is not divisible by the stage-1 VAE's "
+                          f"downsampling factor {factor} (autoencoder.block_out_channels has "
+                          f"{len(cfg.autoencoder.block_out_channels)} levels)")
 
 
 def train_autoencoder(cfg: Config, show_progress: bool = True) -> Path:

@@ -24,12 +24,11 @@ from typing import Iterator, Optional
 import psutil
 import torch
 
-from ldm.cache import build_cache
+from ldm.cache import build_cache, cache_fingerprints
 from ldm.components import (
     FrozenEncoders,
     build_scheduler,
     build_unet,
-    cache_fingerprints,
     check_components,
     unet_flops_per_image,
     unet_kwargs,

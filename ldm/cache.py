@@ -27,14 +27,15 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ldm.components import encode_prompts, latent_distribution
+from ldm.components import FrozenEncoders, encode_prompts, latent_distribution, resolve_path, tokenizer_subfolder
+from ldm.config import Config
 from ldm.data import SampleStream, flip_decision, prepare_image
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U8": np.uint8}
@@ -214,3 +215,50 @@ def build_cache(stream: SampleStream, cache_dir: str | Path, get_vae: Callable, 
     return EncodedDataset(ShardStore(latent_dir), ShardStore(text_dir), latent_keys,
                           [caption_key[c] for c in captions], caption_key[""], cfg.random_flip, stream.seed,
                           ShardStore(sketch_dir) if sketch_dir is not None else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprints: what a cached result depends on
+# --------------------------------------------------------------------------------------------
+
+
+def _files_fingerprint(path: str, subfolders: list[Optional[str]]) -> Optional[str]:
+    """sha256 over the files of a local component folder (names and bytes); None for a Hub id."""
+    root = Path(resolve_path(path)).expanduser()
+    if not root.is_dir():
+        return None
+    h = hashlib.sha256()
+    for sub in dict.fromkeys(subfolders):
+        folder = root / (sub or "")
+        for file in sorted(p for p in folder.glob("*") if p.is_file()):
+            h.update(f"{file.relative_to(root)}\0".encode())
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def _module_fingerprint(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_fingerprints(cfg: Config, frozen: FrozenEncoders) -> tuple[str, str]:
+    """(latents, text) fingerprints of everything but the items that changes a cached result.
+
+    Local component folders are hashed from their files, so checking a complete cache loads no model;
+    a Hub id's weights are hashed from the loaded module.
+    """
+    m, d = cfg.model, cfg.data
+    vae_files = _files_fingerprint(m.vae.path, [m.vae.subfolder]) or _module_fingerprint(frozen.vae)
+    vae_fp = hashlib.sha256(json.dumps(
+        ["latents-v1", vae_files, m.vae.dtype, d.resolution, d.center_crop]).encode()).hexdigest()
+    t = m.text_encoder
+    text_files = (_files_fingerprint(t.path, [t.subfolder, tokenizer_subfolder(t)])
+                  or _module_fingerprint(frozen.text[1]))
+    text_fp = hashlib.sha256(json.dumps(["text-v1", text_files, t.max_length]).encode()).hexdigest()
+    return vae_fp, text_fp

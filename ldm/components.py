@@ -10,7 +10,6 @@ published components of the SD-1.5 recipe those facts are also tabulated, so a d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -383,7 +382,7 @@ def unet_flops_per_image(unet_config: dict, seq_len: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Frozen encoders on demand, and the cache fingerprints
+# Frozen encoders on demand
 # --------------------------------------------------------------------------------------------
 
 
@@ -416,45 +415,3 @@ class FrozenEncoders:
             tokenizer, encoder = load_text_encoder(self.cfg.text_encoder)
             self._text = (tokenizer, encoder.to(self.device))
         return self._text
-
-
-def _files_fingerprint(path: str, subfolders: list[Optional[str]]) -> Optional[str]:
-    """sha256 over the files of a local component folder (names and bytes); None for a Hub id."""
-    root = Path(resolve_path(path)).expanduser()
-    if not root.is_dir():
-        return None
-    h = hashlib.sha256()
-    for sub in dict.fromkeys(subfolders):
-        folder = root / (sub or "")
-        for file in sorted(p for p in folder.glob("*") if p.is_file()):
-            h.update(f"{file.relative_to(root)}\0".encode())
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-    return h.hexdigest()
-
-
-def _module_fingerprint(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def cache_fingerprints(cfg: Config, frozen: FrozenEncoders) -> tuple[str, str]:
-    """(latents, text) fingerprints of everything but the items that changes a cached result.
-
-    Local component folders are hashed from their files, so checking a complete cache loads no model;
-    a Hub id's weights are hashed from the loaded module.
-    """
-    m, d = cfg.model, cfg.data
-    vae_files = _files_fingerprint(m.vae.path, [m.vae.subfolder]) or _module_fingerprint(frozen.vae)
-    vae_fp = hashlib.sha256(json.dumps(
-        ["latents-v1", vae_files, m.vae.dtype, d.resolution, d.center_crop]).encode()).hexdigest()
-    t = m.text_encoder
-    text_files = (_files_fingerprint(t.path, [t.subfolder, tokenizer_subfolder(t)])
-                  or _module_fingerprint(frozen.text[1]))
-    text_fp = hashlib.sha256(json.dumps(["text-v1", text_files, t.max_length]).encode()).hexdigest()
-    return vae_fp, text_fp

@@ -10,11 +10,10 @@ width) live in `ldm.components.check_components`, which reads those files withou
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
@@ -445,35 +444,3 @@ def check_config(cfg: Config) -> None:
     for i, ch in enumerate(a.block_out_channels):
         _require(ch > 0 and ch % a.norm_num_groups == 0, f"autoencoder.block_out_channels[{i}]",
                  f"{ch} must be a positive multiple of autoencoder.norm_num_groups ({a.norm_num_groups})")
-
-
-def check_autoencoder_config(cfg: Config) -> None:
-    """Stage 1 only: the latent grid must tile the image exactly."""
-    factor = downsampling_factor(cfg.autoencoder.block_out_channels)
-    _require(cfg.data.resolution % factor == 0, "data.resolution",
-             f"{cfg.data.resolution} is not divisible by the stage-1 VAE's downsampling factor {factor} "
-             f"(autoencoder.block_out_channels has {len(cfg.autoencoder.block_out_channels)} levels)")
-
-
-# --------------------------------------------------------------------------------------------
-# Command line: `--config file.yaml section.key=value ...`
-# --------------------------------------------------------------------------------------------
-
-
-def argument_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=None, help="YAML config (see configs/); defaults if omitted")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4 data.resolution=256")
-    return parser
-
-
-def run_script(main: Callable[[], None]) -> None:
-    """Run a script's `main()`: a user's mistake (a ConfigError: a bad key, value, path or file) prints one
-    message that names it and the fix, and exits with status 2; tracebacks are left for ldm's own bugs."""
-    import sys
-
-    try:
-        main()
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -25,7 +25,7 @@ from ldm.config import Config, downsampling_factor
 
 # Paths relative to the pipeline folder; `*` never crosses a `/`.
 ALLOW_PATTERNS = (
-    "model_index.json", "README.md", "ldm_config.yaml", "*.safetensors",
+    "model_index.json", "README.md", "ldm_config.yaml", "pytorch_lora_weights.safetensors",
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
     "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
     "controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors",
@@ -39,8 +39,22 @@ ALLOW_PATTERNS = (
 _TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
 
 
-def _allowed(path: str) -> bool:
+def _model_file(path: Path) -> bool:
+    """A top-level `.safetensors` that ldm wrote as a model: a single-file checkpoint or a kohya-format LoRA,
+    both stamped `modelspec.architecture: stable-diffusion-v1…`. Training state (optimizer, EMA, RNG, a
+    checkpoint's lora.safetensors) carries no such stamp, whatever its name."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # not a safetensors file at all
+        return False
+    return meta.get("modelspec.architecture", "").startswith("stable-diffusion-v1")
+
+
+def _allowed(path: str, folder: Path) -> bool:
     parts = path.split("/")
+    if len(parts) == 1 and path.endswith(".safetensors") and path not in ALLOW_PATTERNS:
+        return _model_file(folder / path)
     return any(len(p := pattern.split("/")) == len(parts) and all(map(fnmatch.fnmatchcase, parts, p))
                for pattern in ALLOW_PATTERNS)
 
@@ -49,7 +63,8 @@ def upload_plan(folder: str | Path) -> tuple[list[str], list[str]]:
     """(files that would be uploaded, files refused), as sorted paths relative to `folder`."""
     folder = Path(folder)
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    return [f for f in files if _allowed(f)], [f for f in files if not _allowed(f)]
+    allowed = {f for f in files if _allowed(f, folder)}
+    return [f for f in files if f in allowed], [f for f in files if f not in allowed]
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,7 +165,7 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
         f"{cfg.model.scheduler.prediction_type} prediction. Default sampler: {s.sampler}.", "",
         *_training_lines(cfg), *_samples_and_evaluation(folder, evaluation),
     ]
-    singles = sorted(p.name for p in folder.glob("*.safetensors"))
+    singles = sorted(p.name for p in folder.glob("*.safetensors") if _model_file(p))
     if singles:
         lines += ["## Single-file checkpoint", "",
                   f"`{singles[0]}` holds the same weights in the original Stable-Diffusion key layout "

@@ -26,7 +26,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ldm.cache import EncodedDataset, build_cache
+from ldm.cache import EncodedDataset, build_cache, cache_fingerprints
 from ldm.checkpoint import (
     check_disk_space,
     estimate_checkpoint_bytes,
@@ -41,7 +41,6 @@ from ldm.components import (
     VAEInfo,
     build_scheduler,
     build_unet,
-    cache_fingerprints,
     check_components,
     encode_prompts,
     latent_distribution,

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ldm.autoencoder import save_untrained_autoencoder
 from ldm.benchmark import format_report, run_benchmark, save_stand_ins
-from ldm.config import argument_parser, load_config, run_script
+from ldm.cli import argument_parser, run_script
+from ldm.config import load_config
 from ldm.shapes import write_imagefolder
 
 

@@ -7,9 +7,10 @@ data.cache is on; run it ahead, e.g. once per machine, or under accelerate launc
 
 from accelerate import PartialState
 
-from ldm.cache import build_cache
-from ldm.components import FrozenEncoders, cache_fingerprints, check_components, load_tokenizer
-from ldm.config import argument_parser, load_config, run_script
+from ldm.cache import build_cache, cache_fingerprints
+from ldm.cli import argument_parser, run_script
+from ldm.components import FrozenEncoders, check_components, load_tokenizer
+from ldm.config import load_config
 from ldm.data import SampleStream
 from ldm.sources import open_audited
 

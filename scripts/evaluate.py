@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ldm.config import run_script
+from ldm.cli import run_script
 from ldm.evaluation import encode_images, plot_sweeps, saved_holdout, sweep, sweep_table, validation_loss
 from ldm.pipeline import load_pipeline
 from ldm.shapes import ShapesDataset

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ldm.config import run_script
+from ldm.cli import run_script
 from ldm.evaluation import img2img_probe, saved_holdout, sketch_probe, sketch_scores, style_probe
 from ldm.images import make_grid, save_png
 

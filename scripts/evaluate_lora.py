@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ldm.config import run_script
+from ldm.cli import run_script
 from ldm.evaluation import shapes_probe, split_scores
 from ldm.lora import parse_lora
 from ldm.pipeline import load_pipeline

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ldm.config import run_script
+from ldm.cli import run_script
 from ldm.images import save_generations
 from ldm.pipeline import SAMPLERS, generate
 

@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from ldm.config import ConfigError, load_config, run_script
+from ldm.cli import run_script
+from ldm.config import ConfigError, load_config
 from ldm.hub import publish, upload_plan, write_model_card
 from ldm.pipeline import load_pipeline
 from ldm.single_file import export_single_file

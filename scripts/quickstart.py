@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from ldm.autoencoder import train_autoencoder
-from ldm.config import argument_parser, load_config, run_script
+from ldm.cli import argument_parser, run_script
+from ldm.config import load_config
 from ldm.evaluation import format_scores, save_probe, shapes_probe, split_scores
 from ldm.images import save_generations
 from ldm.pipeline import generate, load_pipeline

@@ -9,7 +9,7 @@ The file loads in AUTOMATIC1111 / ComfyUI (CLIP text encoders), in Diffusers' `f
 
 import argparse
 
-from ldm.config import run_script
+from ldm.cli import run_script
 from ldm.pipeline import load_pipeline
 from ldm.single_file import export_single_file, load_single_file, write_config_folder
 

@@ -4,7 +4,8 @@
 """
 
 from ldm.autoencoder import train_autoencoder
-from ldm.config import argument_parser, load_config, run_script
+from ldm.cli import argument_parser, run_script
+from ldm.config import load_config
 
 
 def main() -> None:

@@ -6,8 +6,9 @@
 
 import json
 
+from ldm.cli import argument_parser, run_script
 from ldm.components import check_components
-from ldm.config import argument_parser, load_config, run_script
+from ldm.config import load_config
 from ldm.train import dry_run_report, train
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ldm.config import run_script
+from ldm.cli import run_script
 from ldm.pipeline import load_pipeline
 from ldm.shapes import ShapeSpec, render
 from ldm.visualisation import forward_strip, guidance_grid, reverse_strip

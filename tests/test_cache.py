@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from conftest import tiny_overrides
-from ldm.cache import build_cache
-from ldm.components import FrozenEncoders, cache_fingerprints
+from ldm.cache import build_cache, cache_fingerprints
+from ldm.components import FrozenEncoders
 from ldm.config import load_config
 from ldm.data import SampleStream
 from ldm.sources import open_source

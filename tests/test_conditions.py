@@ -116,8 +116,8 @@ def test_sketch_run_exports_a_controlnet_pipeline_that_plain_diffusers_reproduce
 
 def test_sketch_run_resumes_from_its_checkpoint_and_cache(sketch_model, tmp_path):
     """Resuming a sketch run restores the ControlNet; cached and freshly computed sketches agree."""
-    from ldm.cache import build_cache
-    from ldm.components import FrozenEncoders, cache_fingerprints
+    from ldm.cache import build_cache, cache_fingerprints
+    from ldm.components import FrozenEncoders
     from ldm.conditions import sketch_from_pixels
     from ldm.data import SampleStream
     from ldm.sources import open_source

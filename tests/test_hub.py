@@ -31,6 +31,9 @@ PIPELINE_FILES = {
 }
 PLANTED = ["optimizer.safetensors.tmp", "unet/diffusion_pytorch_model.bin", "checkpoints/step_000002/state.json",
            "checkpoints/step_000002/optimizer.safetensors", "scheduler/state.pt", "notes/secret.txt", "rng_state.pth"]
+# What the checkpoint code writes, copied next to the pipeline's files: real safetensors, refused by content.
+TRAINING_STATE = ["optimizer.safetensors", "ema.safetensors", "rng_rank0.safetensors", "lora.safetensors",
+                  "unet.safetensors"]
 
 
 class FakeHub:
@@ -81,6 +84,10 @@ def _with_planted(folder: Path, tmp_path: Path) -> Path:
     for name in PLANTED:
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         (copy / name).write_bytes(b"training state, never to be uploaded")
+    from safetensors.torch import save_file
+
+    for name in TRAINING_STATE:
+        save_file({"exp_avg": torch.zeros(2)}, str(copy / name))
     return copy
 
 
@@ -108,7 +115,7 @@ def test_publish_uploads_exactly_the_allow_list_after_retries(exported, tmp_path
     assert hub.created == [{"repo_id": "me/shapes", "private": True, "exist_ok": True, "repo_type": "model"}]
     (upload,) = hub.uploads
     assert upload["files"] == PIPELINE_FILES | {"images/step_000002.png"}
-    assert set(result.refused) == set(PLANTED)
+    assert set(result.refused) == set(PLANTED) | set(TRAINING_STATE)
     card = ModelCard.load(folder / "README.md")
     assert "| held out | all | 95.0 % |" in card.text and card.data.library_name == "diffusers"
 

@@ -71,6 +71,18 @@ def test_lora_trains_only_the_adapter_and_its_checkpoint_holds_only_that(base, l
     card = (lora_run / "README.md").read_text()
     assert f"| rank | {RANK} |" in card and "| alpha | 2 (scale alpha / rank = 0.5)" in card and "zq" in card
     assert "load_lora_weights" in card and "base_model" not in card.split("---")[1]  # a local base is no Hub id
+    # Publishing the LoRA folder: its files go up; training state copied beside them does not.
+    import shutil
+
+    from ldm.hub import upload_plan
+
+    for name in ("lora.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        shutil.copy(ckpt / name, lora_run / name)
+    files, refused = upload_plan(lora_run)
+    assert files == ["README.md", "ldm_config.yaml", "lora_kohya.safetensors", "pytorch_lora_weights.safetensors"]
+    assert refused == ["ema.safetensors", "lora.safetensors", "optimizer.safetensors"]
+    for name in refused:
+        (lora_run / name).unlink()
 
 
 def test_lora_training_changes_no_base_weight(tiny, base, tmp_path):

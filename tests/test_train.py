@@ -101,8 +101,8 @@ def test_training_embeddings_equal_the_pipelines(tiny):
 @pytest.mark.parametrize("flip", [False, True])
 def test_cached_and_on_the_fly_batches_agree(tiny, tmp_path, flip):
     """The same batch and draws give the same latents, prompt_embeds and loss from the cache as on the fly."""
-    from ldm.cache import build_cache
-    from ldm.components import FrozenEncoders, build_scheduler, cache_fingerprints
+    from ldm.cache import build_cache, cache_fingerprints
+    from ldm.components import FrozenEncoders, build_scheduler
     from ldm.data import SampleStream
     from ldm.diffusion import draw_samples
     from ldm.sources import open_source
