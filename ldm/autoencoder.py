@@ -71,14 +71,22 @@ def train_autoencoder(cfg: Config, show_progress: bool = True) -> Path:
     check_autoencoder_config(cfg)
     a = cfg.autoencoder
     out = Path(a.output_dir)
+    if (out / "config.json").is_file() and not a.overwrite_output_dir:
+        raise ConfigError(f"autoencoder.output_dir: {out} already holds a VAE; training would replace it (and every "
+                          "stage-2 run that uses it). Choose another autoencoder.output_dir, or set "
+                          "autoencoder.overwrite_output_dir=true")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(a.seed)
     # 1. Data: the last `num_validation_images` items are held out for PSNR.
     source = open_audited(cfg.data)
-    held = min(a.num_validation_images, max(1, len(source) // 10))
-    stream = SampleStream(source, cfg.data, a.seed)
-    stream.size = len(source) - held  # train on the head of the dataset only
-    held_out = torch.stack([prepare_image(source.get(i)[0], cfg.data) for i in range(len(source) - held, len(source))])
+    stream = SampleStream(source, cfg.data, a.seed)  # data.max_samples bounds it
+    n = stream.size
+    held = min(a.num_validation_images, max(1, n // 10)) if n > 1 else 0
+    if held < a.num_validation_images:
+        print(f"stage 1: {held} held-out image(s) for the PSNR (autoencoder.num_validation_images="
+              f"{a.num_validation_images}; the dataset has {n} usable samples)")
+    stream.size = n - held  # train on the head of the dataset only
+    held_out = [prepare_image(stream.usable(i)[1], cfg.data) for i in range(n - held, n)]
     loader = torch.utils.data.DataLoader(stream, batch_sampler=StreamBatches(a.batch_size, 0, a.max_steps),
                                          num_workers=cfg.data.num_workers)
     # 2. Model and optimiser: AdamW, short warm-up, cosine decay.
@@ -107,7 +115,7 @@ def train_autoencoder(cfg: Config, show_progress: bool = True) -> Path:
             bar.set_postfix(mse=f"{rec_loss.item():.4f}", kl=f"{kl.item():.3f}")
     # 4. Held-out PSNR and the latent scaling factor.
     vae.eval()
-    held_psnr = evaluate_autoencoder(vae, held_out)
+    held_psnr = evaluate_autoencoder(vae, torch.stack(held_out)) if held_out else None
     sample_batches = [next(iter(torch.utils.data.DataLoader(
         stream, batch_sampler=StreamBatches(a.batch_size, k, k + 1))))
                       ["pixel_values"] for k in range(4)]
@@ -116,11 +124,14 @@ def train_autoencoder(cfg: Config, show_progress: bool = True) -> Path:
     # 5. Save in Diffusers format (safetensors), with the resolved config and the metrics.
     vae.cpu().save_pretrained(out, safe_serialization=True)
     save_config(cfg, out / "ldm_config.yaml")
-    metrics = {"psnr_db": round(held_psnr, 2), "scaling_factor": scaling, "held_out_images": held,
+    metrics = {"psnr_db": round(held_psnr, 2) if held_psnr is not None else None, "scaling_factor": scaling,
+               "held_out_images": held,
                "parameters": sum(p.numel() for p in vae.parameters()), "steps": a.max_steps,
                "minutes": round((time.time() - start) / 60, 2)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"stage 1: held-out PSNR {held_psnr:.2f} dB on {held} images, scaling_factor {scaling:.4f}, "
+    measured = (f"held-out PSNR {held_psnr:.2f} dB on {held} images" if held_psnr is not None
+                else "no held-out images (PSNR not measured)")
+    print(f"stage 1: {measured}, scaling_factor {scaling:.4f}, "
           f"{metrics['parameters'] / 1e6:.2f}M params, {metrics['minutes']} min -> {out}")
     return out
 

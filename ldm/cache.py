@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,8 +35,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ldm.components import FrozenEncoders, encode_prompts, latent_distribution, resolve_path, tokenizer_subfolder
-from ldm.config import Config
+from ldm.config import Config, ConfigError
 from ldm.data import SampleStream, flip_decision, prepare_image
+from ldm.sources import BadSample
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U8": np.uint8}
 
@@ -57,6 +58,8 @@ def mmap_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {}
     for name, info in header.items():
         start, end = info["data_offsets"]
+        if end > len(buffer):
+            raise ValueError(f"tensor {name!r} ends at byte {end} of {len(buffer)} (the file is truncated)")
         arr = buffer[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
         tensor = torch.from_numpy(arr)
         tensors[name] = tensor.view(torch.bfloat16) if info["dtype"] == "BF16" else tensor
@@ -72,8 +75,17 @@ class ShardStore:
         self.rows: dict[str, tuple[int, int]] = {}
         if folder.is_dir():
             for path in sorted(folder.glob("shard-*.safetensors")):
-                tensors, meta = mmap_safetensors(path)
-                for row, key in enumerate(json.loads(meta.get("keys", "[]"))):
+                try:
+                    tensors, meta = mmap_safetensors(path)
+                    keys = json.loads(meta.get("keys", "[]"))
+                    if any(len(t) != len(keys) for t in tensors.values()):
+                        raise ValueError(f"{len(keys)} keys for {[len(t) for t in tensors.values()]} rows")
+                except Exception as err:  # noqa: BLE001 (struct.error, JSON, offsets: any damage)
+                    raise ConfigError(
+                        f"data.cache_dir: the cache shard {path} is damaged ({type(err).__name__}: {err}"[:300]
+                        + "); delete that file and ldm re-encodes what it held on the next run"
+                    ) from err
+                for row, key in enumerate(keys):
                     self.rows[key] = (len(self.shards), row)
                 self.shards.append(tensors)
 
@@ -106,9 +118,14 @@ class EncodedDataset:
     flip: bool
     seed: int
     sketch_store: ShardStore | None = None
+    # Items whose file went bad after the audit → the next usable item, as the uncached stream replaces them.
+    substitutes: dict[int, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.caption_keys)
+
+    def usable(self, index: int) -> int:
+        return self.substitutes.get(index, index)
 
     def _keys(self, indices: list[int], positions: list[int]) -> list[str]:
         """Each item's key, in the flip variant the stream draws for its position."""
@@ -131,24 +148,64 @@ class EncodedDataset:
         return self.text_store.get("prompt_embeds", keys)
 
 
-def _build_sketches(stream: SampleStream, folder: Path, latent_keys: list[list[str]], variants: tuple,
+class _Decoder:
+    """Decodes the items a rank encodes; an item whose file went bad after the audit is left out and its key
+    remembered in `bad-r<rank>.json` (content-addressed, so it stays true for every later run)."""
+
+    def __init__(self, stream: SampleStream, root: Path, rank: int):
+        self.stream, self.path = stream, root / f"bad-r{rank}.json"
+        self.bad: set[str] = set(json.loads(self.path.read_text())) if self.path.is_file() else set()
+
+    def pixels(self, index: int, key: str, flip: bool) -> Optional[torch.Tensor]:
+        try:
+            return prepare_image(self.stream.source.get(index)[0], self.stream.cfg, flip=flip)
+        except BadSample as bad:
+            print(f"cache: {bad} (went bad after the audit); the next usable sample takes its place")
+            self.bad.add(key)
+            return None
+
+    def save(self) -> None:
+        if self.bad:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(sorted(self.bad)))
+
+
+def known_bad(root: Path) -> set[str]:
+    """Keys of every item any rank failed to decode (read after the build's barrier)."""
+    return {k for path in root.glob("bad-r*.json") for k in json.loads(path.read_text())}
+
+
+def _encode_missing(decoder: _Decoder, mine: list[tuple[int, int]], latent_keys: list[list[str]], variants: tuple,
+                    batch_size: int, shard_size: int, encode: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+                    write: Callable[[list[str], dict[str, torch.Tensor]], None], bar=None) -> None:
+    """Decode, encode and write this rank's missing items in shards of `shard_size`."""
+    keys: list[str] = []
+    parts: list[dict[str, torch.Tensor]] = []
+    for start in range(0, len(mine), batch_size):
+        chunk = [(i, v) for i, v in mine[start:start + batch_size] if latent_keys[i][v] not in decoder.bad]
+        decoded = [(latent_keys[i][v], decoder.pixels(i, latent_keys[i][v], variants[v])) for i, v in chunk]
+        decoded = [(k, x) for k, x in decoded if x is not None]
+        if decoded:
+            parts.append(encode(torch.stack([x for _, x in decoded])))
+            keys += [k for k, _ in decoded]
+        if bar is not None:
+            bar.update(len(chunk))
+        if keys and (len(keys) >= shard_size or start + batch_size >= len(mine)):
+            write(keys, {name: torch.cat([p[name] for p in parts]) for name in parts[0]})
+            keys, parts = [], []
+
+
+def _build_sketches(decoder: _Decoder, folder: Path, latent_keys: list[list[str]], variants: tuple,
                     threshold: float, rank: int, world_size: int, batch_size: int, shard_size: int) -> None:
     """Sketches (edges of the prepared picture, one per flip variant) for this rank's missing items."""
     from ldm.conditions import sketch_from_pixels
 
     have = ShardStore(folder)
-    mine = [(i, v) for i in range(rank, stream.size, world_size) for v, _ in enumerate(variants)
+    mine = [(i, v) for i in range(rank, decoder.stream.size, world_size) for v, _ in enumerate(variants)
             if latent_keys[i][v] not in have]
-    keys: list[str] = []
-    sketches = []
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start:start + batch_size]
-        images = torch.stack([prepare_image(stream.source.get(i)[0], stream.cfg, flip=variants[v]) for i, v in chunk])
-        sketches.append(sketch_from_pixels(images, threshold)[:, :1].to(torch.uint8))  # (n, 1, H, W) in {0, 1}
-        keys += [latent_keys[i][v] for i, v in chunk]
-        if len(keys) >= shard_size or start + batch_size >= len(mine):
-            _write_shard(folder, rank, keys, {"sketch": torch.cat(sketches)})
-            keys, sketches = [], []
+    _encode_missing(decoder, mine, latent_keys, variants, batch_size, shard_size,
+                    lambda x: {"sketch": sketch_from_pixels(x, threshold)[:, :1].to(torch.uint8)},  # {0, 1}
+                    lambda keys, tensors: _write_shard(folder, rank, keys, tensors))
 
 
 def sketch_fingerprint(cfg, threshold: float) -> str:
@@ -169,31 +226,26 @@ def build_cache(stream: SampleStream, cache_dir: str | Path, get_vae: Callable, 
     latent_dir = root / f"latents-{vae_fingerprint[:16]}"
     text_dir = root / f"text-{text_fingerprint[:16]}"
     variants = (False, True) if cfg.random_flip else (False,)
-    image_hash = [stream.source.fingerprint(i) for i in range(stream.size)]
+    image_hash = [_fingerprint_or_none(stream, i) for i in range(stream.size)]
     latent_keys = [[f"{h}:flip={int(f)}" for f in variants] for h in image_hash]
     captions = [stream.source.caption(i) for i in range(stream.size)]
     caption_key = {c: sha256(c.encode()) for c in set(captions) | {""}}
+    decoder = _Decoder(stream, root, rank)
     # 1. Latents this rank must encode. Ownership is fixed (item i belongs to rank i mod W), never a
     #    split of "what is missing", which would differ between ranks that look at different moments.
     have = ShardStore(latent_dir)
     mine = [(i, v) for i in range(rank, stream.size, world_size) for v, _ in enumerate(variants)
-            if latent_keys[i][v] not in have]
+            if image_hash[i] is not None and latent_keys[i][v] not in have]
     if mine:
         vae = get_vae()
-        keys: list[str] = []
-        means, stds = [], []
         bar = tqdm(total=len(mine), desc=f"caching latents (rank {rank})", disable=not show_progress)
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start:start + batch_size]
-            images = [prepare_image(stream.source.get(i)[0], cfg, flip=variants[v]) for i, v in chunk]
-            mean, std = latent_distribution(vae, torch.stack(images))
-            means.append(mean.cpu())
-            stds.append(std.cpu())
-            keys += [latent_keys[i][v] for i, v in chunk]
-            bar.update(len(chunk))
-            if len(keys) >= shard_size or start + batch_size >= len(mine):
-                _write_shard(latent_dir, rank, keys, {"mean": torch.cat(means), "std": torch.cat(stds)})
-                keys, means, stds = [], [], []
+
+        def encode(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+            mean, std = latent_distribution(vae, pixels)
+            return {"mean": mean.cpu(), "std": std.cpu()}
+
+        _encode_missing(decoder, mine, latent_keys, variants, batch_size, shard_size, encode,
+                        lambda keys, tensors: _write_shard(latent_dir, rank, keys, tensors), bar)
         bar.close()
     # 2. Prompt embeddings (one per unique caption, plus the empty caption for dropout).
     have_text = ShardStore(text_dir)
@@ -209,12 +261,38 @@ def build_cache(stream: SampleStream, cache_dir: str | Path, get_vae: Callable, 
     sketch_dir = None
     if sketch_threshold is not None:
         sketch_dir = root / f"sketch-{sketch_fingerprint(cfg, sketch_threshold)[:16]}"
-        _build_sketches(stream, sketch_dir, latent_keys, variants, sketch_threshold, rank, world_size,
+        _build_sketches(decoder, sketch_dir, latent_keys, variants, sketch_threshold, rank, world_size,
                         batch_size, shard_size)
+    decoder.save()
     barrier()
+    bad = known_bad(root)
+    unusable = [i for i in range(stream.size) if image_hash[i] is None or any(k in bad for k in latent_keys[i])]
     return EncodedDataset(ShardStore(latent_dir), ShardStore(text_dir), latent_keys,
                           [caption_key[c] for c in captions], caption_key[""], cfg.random_flip, stream.seed,
-                          ShardStore(sketch_dir) if sketch_dir is not None else None)
+                          ShardStore(sketch_dir) if sketch_dir is not None else None,
+                          substitutes=_substitutes(unusable, stream.size))
+
+
+def _fingerprint_or_none(stream: SampleStream, index: int) -> Optional[str]:
+    try:
+        return stream.source.fingerprint(index)
+    except BadSample as bad:
+        print(f"cache: {bad} (went bad after the audit); the next usable sample takes its place")
+        return None
+
+
+def _substitutes(unusable: list[int], size: int) -> dict[int, int]:
+    """Each unusable index → the next usable one (cyclically), the uncached stream's rule."""
+    if len(unusable) == size:
+        raise ConfigError("data.dataset: no sample decodes any more (every file went bad after the audit); check "
+                          "the disk and the folder")
+    bad, out = set(unusable), {}
+    for i in unusable:
+        j = (i + 1) % size
+        while j in bad:
+            j = (j + 1) % size
+        out[i] = j
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,13 +32,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ldm.config import Config, save_config
+from ldm.config import Config, ConfigError, UserError, save_config
 from ldm.pipeline import assemble_pipeline
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
-class DiskSpaceError(RuntimeError):
+class DiskSpaceError(UserError, RuntimeError):
     """Not enough free disk for a checkpoint; raised before anything is written."""
 
 
@@ -202,7 +202,9 @@ def is_complete(folder: Path) -> bool:
         return False
     try:
         files = json.loads(state.read_text())["files"]
-    except (ValueError, KeyError):
+        if not isinstance(files, dict) or not all(isinstance(v, int) for v in files.values()):
+            return False
+    except (ValueError, KeyError, TypeError, OSError):
         return False
     return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
 
@@ -230,25 +232,60 @@ def find_resume_folder(resume: str, root: str | Path) -> Optional[Path]:
         return found[-1] if found else None
     folder = Path(resume)
     if not is_complete(folder):
-        raise ValueError(f"train.resume: {resume!r} is not a complete checkpoint folder (state.json and the files "
+        raise ConfigError(f"train.resume: {resume!r} is not a complete checkpoint folder (state.json and the files "
                          "it lists); use train.resume=latest to pick the newest complete one")
     return folder
 
 
+def read_state(folder: Path) -> dict:
+    """state.json of a checkpoint, with the fields a resume needs checked (a damaged one is named)."""
+    path = folder / "state.json"
+    try:
+        state = json.loads(path.read_text())
+        for key, kind in (("step", int), ("micro_step", int), ("world_size", int), ("lr_schedule", dict),
+                          ("optimizer", dict), ("files", dict)):
+            if not isinstance(state.get(key), kind):
+                raise ValueError(f"'{key}' is missing or not a {kind.__name__}")
+        if not isinstance(state["optimizer"].get("param_groups"), list):
+            raise ValueError("'optimizer.param_groups' is missing")
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"train.resume: {path} is damaged ({err}); resume from an earlier checkpoint with "
+                          f"train.resume={folder.parent}/step_…, or start a new run") from err
+    return state
+
+
+def _check_shapes(weights: Path, trainable) -> None:
+    """The checkpoint's tensors against the module's (a changed architecture), before loading anything."""
+    from safetensors import safe_open
+
+    expected = {k: tuple(v.shape) for k, v in trainable.state_dict().items()}
+    with safe_open(str(weights), "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    wrong = [f"{k}: saved {saved[k]}, now {expected[k]}" for k in saved if k in expected and saved[k] != expected[k]]
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    if wrong or missing or unexpected:
+        detail = "; ".join(wrong[:3] + [f"missing {k}" for k in missing[:2]]
+                           + [f"unexpected {k}" for k in unexpected[:2]])
+        raise ConfigError(f"train.resume: {weights} does not fit the {trainable.label} this config builds "
+                          f"({len(wrong)} shapes differ, {len(missing)} missing, {len(unexpected)} unexpected: "
+                          f"{detail}); resume with the config that wrote it, or start a new run")
+
+
 def load_training_state(folder: Path, trainable, ema, optimizer, lr_schedule, accelerator) -> TrainingState:
-    state = json.loads((folder / "state.json").read_text())
+    state = read_state(folder)
     weights = folder / trainable.weights_file
     if not weights.is_file():
         found = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in ("ema.safetensors",
                                                                                        "optimizer.safetensors")
                        and not p.name.startswith("rng_rank"))
-        raise ValueError(f"{folder} holds {', '.join(found) or 'no weights'}, not {trainable.weights_file}: it is "
+        raise ConfigError(f"{folder} holds {', '.join(found) or 'no weights'}, not {trainable.weights_file}: it is "
                          f"not a checkpoint of a {trainable.label} run; resume the run that wrote it with its own "
                          "config, or start a new one in another train.output_dir")
+    _check_shapes(weights, trainable)
     trainable.load_state_dict(load_file(str(weights), device=str(accelerator.device)))
     if ema is not None:
         if not (folder / "ema.safetensors").is_file():
-            raise ValueError(f"{folder} was saved without EMA but train.ema_decay is set; set train.ema_decay=null "
+            raise ConfigError(f"{folder} was saved without EMA but train.ema_decay is set; set train.ema_decay=null "
                              "or start a new run")
         shadow = load_file(str(folder / "ema.safetensors"))
         names = [name for name, _ in trainable.named_parameters()]

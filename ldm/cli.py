@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
-from ldm.config import ConfigError
+from ldm.config import ConfigError, UserError
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:
@@ -18,10 +19,36 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_script(main: Callable[[], None]) -> None:
-    """Run a script's `main()`: a user's mistake (a ConfigError: a bad key, value, path or file) prints one
-    message that names it and the fix, and exits with status 2; tracebacks are left for ldm's own bugs."""
+    """Run a script's `main()`: a user's mistake (a UserError: a bad key, value, path or file, a full disk) prints
+    one message that names it and the fix, and exits with status 2; tracebacks are left for ldm's own bugs."""
     try:
         main()
-    except ConfigError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def text_argument(path: str, flag: str) -> str:
+    """The UTF-8 text of a file given on the command line; a missing or unreadable one is a user error."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} {path!r}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{flag} {path!r}: cannot be read as UTF-8 text ({err})") from None
+
+
+def image_argument(path: Optional[str], flag: str):
+    """A picture given on the command line, decoded as training decodes one (EXIF rotation, first frame);
+    None when the flag was not given. A missing or damaged file is a user error naming the flag."""
+    if path is None:
+        return None
+    from ldm.sources import BadSample, decode_image
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{flag} {path!r}: no such file")
+    try:
+        return decode_image(file, path)
+    except BadSample as bad:
+        raise ConfigError(f"{flag} {bad}; give a PNG, JPEG or WebP picture") from None

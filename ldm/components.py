@@ -106,14 +106,32 @@ def _read_json_config(path: str, subfolder: Optional[str], filename: str) -> Opt
     path = resolve_path(path)
     if is_local(path):
         file = Path(path).expanduser() / (subfolder or "") / filename
-        return json.loads(file.read_text()) if file.is_file() else None
+        return _parse_json(file) if file.is_file() else None
     try:
         from huggingface_hub import hf_hub_download
 
         file = hf_hub_download(path, filename, subfolder=subfolder, local_files_only=True)
-        return json.loads(Path(file).read_text())
     except Exception:  # not cached: fall back to the table of known components
         return None
+    return _parse_json(Path(file))
+
+
+def _parse_json(file: Path) -> dict:
+    """A component's JSON config; a damaged one (truncated, not UTF-8, not an object) is named."""
+    try:
+        conf = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{file} is damaged ({type(err).__name__}: {err}"[:240] + "); export or download that "
+                          "component again (or restore the file)") from err
+    if not isinstance(conf, dict):
+        raise ConfigError(f"{file} holds a JSON {type(conf).__name__}, not a config object; export or download "
+                          "that component again")
+    return conf
+
+
+def _kind(conf: dict) -> str:
+    """What a component config describes: Diffusers' `_class_name` or Transformers' `architectures`."""
+    return conf.get("_class_name") or (conf.get("architectures") or [conf.get("model_type") or "unknown"])[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,6 +154,11 @@ def describe_vae(cfg: VAEConfig) -> VAEInfo:
             f"model.vae.path: cannot read the config of {cfg.path!r} (not a local folder, not in the HF cache). "
             "Point it at a local AutoencoderKL folder, e.g. the output of scripts/train_autoencoder.py."
         )
+    if conf.get("_class_name") not in (None, "AutoencoderKL") or not {"block_out_channels",
+                                                                       "latent_channels"} <= conf.keys():
+        where = cfg.path + (f"/{cfg.subfolder}" if cfg.subfolder else "")
+        raise ConfigError(f"model.vae.path: {where!r} holds a {_kind(conf)}, not an AutoencoderKL; point it at a VAE "
+                          "folder (a pipeline's vae/ subfolder, or the output of scripts/train_autoencoder.py)")
     return VAEInfo(
         downsample=downsampling_factor(conf["block_out_channels"]),
         latent_channels=conf["latent_channels"],
@@ -155,6 +178,10 @@ def describe_text_encoder(cfg: TextEncoderConfig) -> TextEncoderInfo:
         )
     conf = conf.get("text_config", conf)  # a full CLIPModel config nests the text tower
     hidden = conf.get("hidden_size") or conf.get("d_model")
+    if "_class_name" in conf or not isinstance(hidden, int):
+        where = cfg.path + (f"/{cfg.subfolder}" if cfg.subfolder else "")
+        raise ConfigError(f"model.text_encoder.path: {where!r} holds a {_kind(conf)}, not a Transformers text encoder "
+                          "(a config with hidden_size); point it at one, e.g. a pipeline's text_encoder/ subfolder")
     limit = conf.get("max_position_embeddings") or 512
     if cfg.max_length is not None and cfg.max_length > limit:
         raise ConfigError(f"model.text_encoder.max_length: {cfg.max_length} exceeds the encoder's limit of "
@@ -208,6 +235,10 @@ def _apply_pretrained(cfg: Config) -> None:
                  f"{' and HF_HUB_OFFLINE=1 forbids downloading it' if offline else ''}; download it once with "
                  f"`hf download {src}` (or `huggingface-cli download {src}`), or give a local folder")
         raise ConfigError(f"config key 'model.pretrained': {where}")
+    missing = [k for k in ("block_out_channels", "down_block_types", "layers_per_block") if k not in unet]
+    if missing:
+        raise ConfigError(f"config key 'model.pretrained': {src}/unet/config.json holds a {_kind(unet)} without "
+                          f"{', '.join(missing)}; it is not a UNet2DConditionModel (is {src!r} a pipeline folder?)")
     m = cfg.model
     m.vae.path, m.vae.subfolder = src, "vae"
     m.text_encoder.path, m.text_encoder.subfolder, m.text_encoder.tokenizer_subfolder = src, "text_encoder", "tokenizer"

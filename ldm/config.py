@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
-from ldm.typed_yaml import ConfigError, build, parse_override, set_dotted  # noqa: F401 (re-exported)
+from ldm.typed_yaml import ConfigError, UserError, build, parse_override, set_dotted  # noqa: F401 (re-exported)
 
 Sampler = Literal["ddpm", "ddim", "dpm++", "dpm++sde", "euler", "euler-a", "unipc", "heun"]
 
@@ -107,6 +107,7 @@ class DataConfig:
     split: str = "train"
     image_column: str = "image"
     caption_column: str = "text"
+    metadata_encoding: str = "utf-8"  # of a local folder's metadata.jsonl / .csv (a UTF-8 byte-order mark is fine)
     resolution: int = 512
     center_crop: bool = True
     # Off by default: a flipped image contradicts captions that say "left" or "right".
@@ -164,6 +165,8 @@ class TrainConfig:
     checkpoint_every: int = 500  # optimizer steps between training-state checkpoints (0: none)
     checkpoints_total_limit: Optional[int] = 3  # keep the newest N complete checkpoints (null: all)
     resume: Optional[str] = None  # "latest" or a checkpoint folder
+    # A fresh run into an output_dir that holds another run stops; true clears what ldm wrote there first.
+    overwrite_output_dir: bool = False
     # A non-finite loss or gradient: skip the update (the batch is consumed) or stop at once.
     nonfinite: Literal["skip", "stop"] = "skip"
     max_nonfinite_steps: int = 5  # stop after this many consecutive skipped updates
@@ -187,6 +190,7 @@ class AutoencoderConfig:
     """Stage 1: train an AutoencoderKL on the configured data (LDM paper, sec. 3)."""
 
     output_dir: str = "outputs/vae"
+    overwrite_output_dir: bool = False  # replace a VAE already in output_dir (otherwise stage 1 stops)
     block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])
     layers_per_block: int = 1
     latent_channels: int = 4
@@ -296,7 +300,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist (see configs/ for examples)")
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = read_yaml(path) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (model, data, train…)")
     for text in overrides:
@@ -305,6 +309,39 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     cfg = build(Config, tree)
     check_config(cfg)
     return cfg
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (plain YAML keeps the last one silently,
+    so a second `train:` section would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"'{key}' is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                                  "merge the two into one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; a syntax or encoding error, or a repeated key, names the file and the line."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as err:
+        raise ConfigError(f"config file {str(path)!r}: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem} (check the indentation "
+                          "and quoting there)") from None
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -326,6 +363,36 @@ def _require(cond: bool, key: str, message: str) -> None:
 def check_config(cfg: Config) -> None:
     m, d, t, s, a = cfg.model, cfg.data, cfg.train, cfg.sample, cfg.autoencoder
     u = m.unet
+    # Counts first: the divisibility checks below divide by some of them.
+    for key, val in [("model.unet.norm_num_groups", u.norm_num_groups),
+                     ("model.unet.attention_head_dim", u.attention_head_dim),
+                     ("autoencoder.norm_num_groups", a.norm_num_groups),
+                     ("autoencoder.layers_per_block", a.layers_per_block),
+                     ("conditioning.style.encoder_layers", cfg.conditioning.style.encoder_layers)]:
+        _require(val > 0, key, f"must be a positive integer, got {val}")
+    for key, val in [("train.seed", t.seed), ("sample.seed", s.seed), ("autoencoder.seed", a.seed),
+                     ("data.shapes.seed", d.shapes.seed),
+                     ("autoencoder.num_validation_images", a.num_validation_images)]:
+        _require(val >= 0, key, f"must be ≥ 0, got {val}")
+    _require(u.cross_attention_dim is None or u.cross_attention_dim > 0, "model.unet.cross_attention_dim",
+             f"must be positive or null (derived from the text encoder), got {u.cross_attention_dim}")
+    _require(d.max_samples is None or d.max_samples >= 1, "data.max_samples",
+             f"must be ≥ 1 or null, got {d.max_samples}")
+    _require(d.min_image_size is None or d.min_image_size >= 1, "data.min_image_size",
+             f"must be ≥ 1 or null, got {d.min_image_size}")
+    for key, val in (("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):
+        _require(0.0 <= val < 1.0, key, f"must be in [0, 1), got {val} (AdamW's defaults are 0.9 and 0.999)")
+    _require(t.adam_epsilon > 0, "train.adam_epsilon", f"must be positive, got {t.adam_epsilon} (1e-8 is typical)")
+    _require(t.adam_weight_decay >= 0, "train.adam_weight_decay", f"must be ≥ 0, got {t.adam_weight_decay}")
+    _require(a.kl_weight >= 0, "autoencoder.kl_weight", f"must be ≥ 0, got {a.kl_weight}")
+    _require(len(a.block_out_channels) >= 1, "autoencoder.block_out_channels", "needs at least one level")
+    try:
+        import codecs
+
+        codecs.lookup(d.metadata_encoding)
+    except LookupError:
+        raise ConfigError(f"config key 'data.metadata_encoding': {d.metadata_encoding!r} is not a text encoding "
+                          "Python knows; use e.g. utf-8, cp1252 or latin-1") from None
     _require(len(u.block_out_channels) >= 1, "model.unet.block_out_channels", "needs at least one level")
     _require(
         len(u.cross_attention) == len(u.block_out_channels),

@@ -27,18 +27,44 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB; transparency is composited on white, 16-bit greyscale rescaled to 8 bits."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_rgb(image: Image.Image, name: str = "image", notes: Optional[list[str]] = None) -> Image.Image:
+    """Any PIL mode to 8-bit RGB, on the scale the file means, never the picture's own maximum: 16-bit values
+    / 257 (so a dark 16-bit picture stays dark), float pixels read as [0, 1] (or [0, 255] when they exceed 1),
+    transparency composited on white. What was done is appended to `notes`; pixels that have no such reading
+    (negative, or beyond 16 bits) raise BadSample."""
+    notes = notes if notes is not None else []
+    mode = image.mode
+    if mode in _SIXTEEN_BIT or mode in ("I", "F"):
         arr = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray((arr * 255.0 / max(arr.max(), 1.0)).clip(0, 255).astype(np.uint8), "L")
+        low, high = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if not np.isfinite(arr).all() or low < 0:
+            raise BadSample(f"{mode} pixels outside the displayable range", name, f"{low:g} … {high:g}")
+        if mode == "F":
+            scale = 255.0 if high <= 1.0 else 1.0
+            notes.append(f"float image read as [0, {1 if high <= 1.0 else 255}] and converted to 8-bit RGB")
+        else:
+            if high > 65535:
+                raise BadSample("32-bit integer pixels beyond 16 bits", name, f"max {high:g}")
+            scale = 1 / 257
+            notes.append("16-bit image scaled to 8 bits (÷ 257)")
+        if high > 255 / scale:
+            raise BadSample("float pixels beyond 255", name, f"max {high:g}")
+        image = Image.fromarray(np.round(arr * scale).clip(0, 255).astype(np.uint8), "L")
+    elif mode != "RGB":
+        notes.append(f"image mode {mode} converted to RGB")
     if image.mode == "P":
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as err:  # a mode PIL cannot convert (e.g. LAB, HSV)
+        raise BadSample(f"image mode {mode} cannot be converted to RGB", name) from err
 
 
 def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool,
@@ -102,17 +128,22 @@ class SampleStream(torch.utils.data.Dataset):
     def index_of(self, position: int) -> int:
         return int(self._permutation(position // self.size)[position % self.size])
 
-    def __getitem__(self, position: int) -> dict:
-        index = self.index_of(position)
+    def usable(self, index: int, position: Optional[int] = None) -> tuple[int, Image.Image, str]:
+        """(index, image, caption) of `index`, or of the next sample that still decodes when this one went bad
+        after the audit (deterministic: a replay takes the same replacement)."""
         for _ in range(self.size):
             try:
                 image, caption = self.source.get(index)
-                break
-            except BadSample as bad:  # went bad after the audit: take the next one, deterministically
-                logger.warning("skipping %s at stream position %d; using the next sample", bad, position)
+                return index, image, caption
+            except BadSample as bad:
+                where = f" at stream position {position}" if position is not None else ""
+                logger.warning("skipping %s%s; using the next sample", bad, where)
                 index = (index + 1) % self.size
-        else:
-            raise RuntimeError("no usable sample left in the dataset")
+        raise ConfigError(f"data.dataset: no sample of {self.cfg.dataset!r} decodes any more (every file went bad "
+                          "after the audit); check the disk and the folder")
+
+    def __getitem__(self, position: int) -> dict:
+        index, image, caption = self.usable(self.index_of(position), position)
         pixel_values = prepare_image(image, self.cfg, sample_generator(self.seed, position, AUGMENT_STREAM))
         return {"position": position, "index": index, "pixel_values": pixel_values, "caption": caption}
 

@@ -58,9 +58,24 @@ def read_png_params(path: str | Path) -> dict:
         return json.loads(image.text["ldm"])
 
 
-def save_generations(results, folder: str | Path, grid_columns: Optional[int] = None) -> list[Path]:
-    """One PNG per generated image (parameters in its text chunks) plus `grid.png`; returns the paths."""
+def check_unused(folder: str | Path) -> None:
+    """Refuse a folder that already holds generations (a ConfigError naming it and the way out)."""
     folder = Path(folder)
+    earlier = sorted(folder.glob("[0-9][0-9][0-9][0-9]_seed*.png")) + sorted(folder.glob("grid.png"))
+    if earlier:
+        from ldm.config import ConfigError
+
+        raise ConfigError(f"--out {folder} already holds {len(earlier)} generated images (e.g. {earlier[0].name}); "
+                          "choose another folder, or pass --overwrite to replace them")
+
+
+def save_generations(results, folder: str | Path, grid_columns: Optional[int] = None,
+                     overwrite: bool = False) -> list[Path]:
+    """One PNG per generated image (parameters in its text chunks) plus `grid.png`; returns the paths. A folder
+    that already holds generations is refused unless `overwrite` (then only the files written are replaced)."""
+    folder = Path(folder)
+    if not overwrite:
+        check_unused(folder)
     paths = [save_png(r.image, folder / f"{i:04d}_seed{r.seed}.png", r.params) for i, r in enumerate(results)]
     paths.append(save_png(make_grid([r.image for r in results], cols=grid_columns), folder / "grid.png"))
     return paths

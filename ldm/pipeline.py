@@ -10,6 +10,7 @@ plain `StableDiffusionPipeline` called with the same generators gives the same p
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,10 @@ from diffusers import (
     StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ldm.components import _load
+from ldm.config import ConfigError
 
 # name -> (scheduler class, options on top of the model's scheduler config)
 SAMPLERS: dict[str, tuple[type, dict]] = {
@@ -100,7 +102,7 @@ def load_pipeline(path: str | Path, device: Union[str, torch.device] = "cpu",
             str(path), dtype=dtype, use_safetensors=True, safety_checker=None,
             feature_extractor=None, requires_safety_checker=False))
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionControlNetPipeline)):
-        raise ValueError(f"{path}: a {type(pipe).__name__}; ldm generates with Stable-Diffusion-layout pipelines")
+        raise ConfigError(f"{path}: a {type(pipe).__name__}; ldm generates with Stable-Diffusion-layout pipelines")
     if (Path(path) / "ip_adapter" / "ip_adapter.safetensors").is_file():  # a style run's export
         pipe.load_ip_adapter(str(path), subfolder="ip_adapter", weight_name="ip_adapter.safetensors")
     return pipe.to(device)
@@ -120,14 +122,59 @@ def _style_embeds(pipe, reference: Optional[Image.Image], guidance_scale: float)
     return embeds[:, None]
 
 
+def as_rgb(image: Image.Image, what: str = "image") -> Image.Image:
+    """A picture given to `generate` prepared as training prepares one: EXIF rotation applied, transparency on
+    white, 16-bit and float pixels on their own scale."""
+    from ldm.data import to_rgb
+    from ldm.sources import BadSample
+
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 (unreadable EXIF: keep the pixels as stored)
+        pass
+    try:
+        return to_rgb(image, what)
+    except BadSample as bad:
+        raise ConfigError(f"{what}: {bad}") from bad
+
+
 def _per_prompt(images, prompts: Sequence[str], what: str, width: Optional[int] = None,
                 height: Optional[int] = None) -> list[Image.Image]:
     """One image per prompt (one given for all is repeated), RGB, resized to width × height if given."""
     images = [images] * len(prompts) if isinstance(images, Image.Image) else list(images)
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} {what} for {len(prompts)} prompts: give one, or one per prompt")
-    images = [im.convert("RGB") for im in images]
+    images = [as_rgb(im, what) for im in images]
     return [im.resize((width, height), Image.BICUBIC) for im in images] if width and height else images
+
+
+def _check_arguments(**a) -> None:
+    """generate()'s numbers, checked before any model loads (each message names the argument and the
+    command-line flag of scripts/generate.py)."""
+    def require(ok: bool, name: str, flag: str, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"{name} (--{flag}) {a[name]!r}: {rule}")
+
+    def integer(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    require(integer(a["num_inference_steps"]) and a["num_inference_steps"] >= 1, "num_inference_steps", "steps",
+            "must be a whole number ≥ 1")
+    require(number(a["guidance_scale"]) and a["guidance_scale"] >= 0, "guidance_scale", "guidance-scale",
+            "must be ≥ 0 (1 or less: no classifier-free guidance; 3–8 is typical)")
+    require(a["sampler"] in SAMPLERS, "sampler", "sampler", f"choose one of {', '.join(SAMPLERS)}")
+    require(integer(a["num_images_per_prompt"]) and a["num_images_per_prompt"] >= 1, "num_images_per_prompt",
+            "num-images", "must be a whole number ≥ 1")
+    require(integer(a["batch_size"]) and a["batch_size"] >= 1, "batch_size", "batch-size", "must be a whole number ≥ 1")
+    for name in ("height", "width"):
+        require(a[name] is None or integer(a[name]) and a[name] > 0, name, name, "must be a positive number of pixels")
+    require(number(a["guidance_rescale"]) and 0 <= a["guidance_rescale"] <= 1, "guidance_rescale", "guidance-rescale",
+            "must be in [0, 1]")
+    for name, flag in (("conditioning_scale", "conditioning-scale"), ("style_scale", "style-scale")):
+        require(number(a[name]) and a[name] >= 0, name, flag, "must be ≥ 0")
 
 
 @dataclass
@@ -177,7 +224,10 @@ def generate(
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
-        raise ValueError("generate() needs at least one prompt")
+        raise ConfigError("generate() needs at least one prompt")
+    _check_arguments(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
+                     num_images_per_prompt=num_images_per_prompt, batch_size=batch_size, height=height, width=width,
+                     guidance_rescale=guidance_rescale, conditioning_scale=conditioning_scale, style_scale=style_scale)
     pipe = model if hasattr(model, "unet") else load_pipeline(str(model), device)
     if loras:
         from ldm.lora import load_loras
@@ -185,17 +235,23 @@ def generate(
         load_loras(pipe, loras)
     controlled = isinstance(pipe, StableDiffusionControlNetPipeline)
     if controlled != (sketch is not None):
-        raise ValueError("a sketch goes with a ControlNet pipeline and only with one: this pipeline "
+        raise ConfigError("a sketch goes with a ControlNet pipeline and only with one: this pipeline "
                          + ("has a ControlNet; give sketch=…" if controlled else "has no ControlNet"))
     if controlled and init_image is not None:
-        raise ValueError("image-to-image with a sketch is not supported; use one or the other")
+        raise ConfigError("image-to-image with a sketch is not supported; use one or the other")
     styled = getattr(pipe, "image_encoder", None) is not None
     if style is not None and not styled:
-        raise ValueError("style= needs a pipeline trained with conditioning.type=style (it has no image encoder)")
+        raise ConfigError("style= needs a pipeline trained with conditioning.type=style (it has no image encoder)")
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = height or size, width or size
+    multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple:
+            nearest = max(multiple, round(value / multiple) * multiple)
+            raise ConfigError(f"{name} {value}: this model generates sizes that are multiples of {multiple} px "
+                              f"(its VAE and UNet downsampling); try {nearest}")
     sketches = _per_prompt(sketch, prompts, "sketches", width, height) if sketch is not None else []
     references = _per_prompt(style, prompts, "style references") if style is not None else []
     if styled:
@@ -203,9 +259,9 @@ def generate(
     inits: list = []
     if init_image is not None:
         if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength {strength}: must be in (0, 1] (0 would return the input unchanged)")
+            raise ConfigError(f"strength {strength}: must be in (0, 1] (0 would return the input unchanged)")
         if int(num_inference_steps * strength) < 1:  # Diffusers runs ⌊steps × strength⌋ steps
-            raise ValueError(f"strength {strength} × {num_inference_steps} steps leaves no denoising step; "
+            raise ConfigError(f"strength {strength} × {num_inference_steps} steps leaves no denoising step; "
                              "raise num_inference_steps or strength")
         inits = _per_prompt(init_image, prompts, "init images", width, height)
         runner = StableDiffusionImg2ImgPipeline(**pipe.components)

@@ -14,10 +14,13 @@ the offending files.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import errno
 import hashlib
 import io
 import json
+import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,29 +48,45 @@ class BadSample(ValueError):
 
 
 def decode_image(data: bytes | Path, name: str, notes: Optional[list[str]] = None) -> Image.Image:
-    """Open and fully decode an image; raise BadSample naming the kind of failure."""
+    """Open and fully decode an image; raise BadSample naming the kind of failure.
+
+    A damaged file can make a decoder raise almost anything (struct.error, IndexError, ZeroDivisionError,
+    EOFError…), so every exception from decoding is this sample's problem, named and counted, never the run's."""
     notes = notes if notes is not None else []
-    if isinstance(data, Path) and data.stat().st_size == 0 or isinstance(data, bytes) and not data:
-        raise BadSample("empty file", name)
     try:
+        if isinstance(data, Path) and data.stat().st_size == 0 or isinstance(data, bytes) and not data:
+            raise BadSample("empty file", name)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Corrupt EXIF data": handled below
             image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
             if getattr(image, "n_frames", 1) > 1:
                 notes.append("animated image: first frame used")
                 image.seek(0)
             image.load()
+    except BadSample:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadSample("decompression bomb (too many pixels)", name, str(err)[:80]) from err
     except UnidentifiedImageError as err:
         raise BadSample("not an image or corrupt", name) from err
-    except (OSError, SyntaxError, ValueError) as err:
+    except MemoryError as err:
+        raise BadSample("too large to decode", name) from err
+    except Exception as err:  # noqa: BLE001 (see the docstring)
         kind = "truncated image" if "truncated" in str(err) else "corrupt image data"
-        raise BadSample(kind, name, str(err)[:80]) from err
-    transposed = ImageOps.exif_transpose(image)
-    if transposed is not image and image.getexif().get(0x0112, 1) != 1:
+        raise BadSample(kind, name, f"{type(err).__name__}: {err}"[:80]) from err
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+        transposed = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 (corrupt EXIF: the pixels are fine, the rotation is unknown)
+        notes.append("unreadable EXIF: orientation not applied")
+        return image
+    if transposed is not image and orientation != 1:
         notes.append("EXIF orientation applied")
     return transposed
+
+
+_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"  # zero-width characters and BOMs that str.strip keeps
 
 
 def normalise_caption(caption: object, name: str, notes: list[str]) -> str:
@@ -82,9 +101,15 @@ def normalise_caption(caption: object, name: str, notes: list[str]) -> str:
             caption = str(caption)
         else:
             raise BadSample("unusable caption type", name, type(caption).__name__)
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise BadSample("caption is not valid Unicode (a lone surrogate)", name, repr(caption)[:60]) from err
     if not caption.strip():
         raise BadSample("empty caption", name)
-    return caption.strip()
+    if not any(unicodedata.category(ch)[0] not in "CZ" for ch in caption):
+        raise BadSample("caption has no visible characters", name, repr(caption)[:60])
+    return caption.strip().strip(_INVISIBLE).strip()
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,9 +157,9 @@ class FolderSource:
     """A local imagefolder; every file path is checked to stay inside the folder (no `../`, absolute
     paths or symlinks out)."""
 
-    def __init__(self, folder: Path, caption_column: str):
+    def __init__(self, folder: Path, caption_column: str, encoding: str = "utf-8"):
         self.folder = folder.resolve()
-        self.rows, self.unreadable = _read_metadata(folder, caption_column)
+        self.rows, self.unreadable = _read_metadata(folder, caption_column, encoding)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -147,20 +172,33 @@ class FolderSource:
         name = str(row.file_name)
         if not isinstance(row.file_name, str) or not name.strip():
             raise BadSample("missing file_name", f"metadata line {row.line}")
-        if Path(name).is_absolute():
-            raise BadSample("absolute path in file_name", name)
-        path = (self.folder / name).resolve()  # follows symlinks
-        if not path.is_relative_to(self.folder):
-            raise BadSample("path escapes the dataset folder", name)
-        if not path.is_file():
-            raise BadSample("missing file", name)
+        if "\0" in name:
+            raise BadSample("NUL byte in file_name", repr(name)[:80])
+        try:
+            if Path(name).is_absolute():
+                raise BadSample("absolute path in file_name", name)
+            path = (self.folder / name).resolve()  # follows symlinks
+            if not path.is_relative_to(self.folder):
+                raise BadSample("path escapes the dataset folder", name)
+            if not path.is_file():
+                raise BadSample("missing file", name)
+        except RuntimeError as err:  # Python 3.11: a symlink loop
+            raise BadSample("symlink loop", name) from err
+        except OSError as err:
+            kind = {errno.ELOOP: "symlink loop", errno.ENAMETOOLONG: "file_name too long"}.get(err.errno,
+                                                                                              "unreadable file")
+            raise BadSample(kind, name[:80], err.strerror or "") from err
         return path
+
+    def fingerprint(self, index: int) -> str:
+        path = self.resolve(index)
+        try:
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as err:
+            raise BadSample("unreadable file", self.name(index), err.strerror or "") from err
 
     def caption(self, index: int) -> str:
         return normalise_caption(self.rows[index].caption, self.name(index), [])
-
-    def fingerprint(self, index: int) -> str:
-        return hashlib.sha256(self.resolve(index).read_bytes()).hexdigest()
 
     def get(self, index: int, notes: Optional[list[str]] = None) -> tuple[Image.Image, str]:
         notes = notes if notes is not None else []
@@ -169,41 +207,78 @@ class FolderSource:
         return decode_image(path, str(self.rows[index].file_name), notes), caption
 
 
-def _read_metadata(folder: Path, caption_column: str) -> tuple[list[FolderRow], list[int]]:
-    rows, unreadable = [], []
+def _metadata_text(meta: Path, encoding: str) -> str:
+    """The metadata file as text: a UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped, and bytes that
+    are not `encoding` stop the run naming the line, instead of training on replacement characters."""
+    data = meta.read_bytes()
+    try:
+        return data.decode("utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding)
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"data.dataset: {meta} is not {encoding} text (line {line}: byte {data[err.start]:#04x}); save it as "
+            "UTF-8 (Excel: 'CSV UTF-8'), or set data.metadata_encoding to its encoding (e.g. cp1252 or latin-1)"
+        ) from err
+
+
+def _read_metadata(folder: Path, caption_column: str, encoding: str = "utf-8") -> tuple[list[FolderRow], list]:
+    """The rows of metadata.jsonl or metadata.csv, and the (line, reason) of every line that cannot be read."""
+    rows: list[FolderRow] = []
+    unreadable: list[tuple[int, str]] = []
     jsonl, csv_file = folder / "metadata.jsonl", folder / "metadata.csv"
-    if jsonl.is_file():
-        columns: set[str] = set()
-        for n, line in enumerate(jsonl.read_text(errors="replace").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                assert isinstance(row, dict)
-            except (ValueError, AssertionError):
-                unreadable.append(n)
-                continue
-            columns |= row.keys()
-            rows.append(FolderRow(row.get("file_name"), row.get(caption_column), n))
-    elif csv_file.is_file():
-        with csv_file.open(newline="", errors="replace") as f:
-            reader = csv.DictReader(f)
-            columns = set(reader.fieldnames or [])
-            for n, row in enumerate(reader, start=2):
-                rows.append(FolderRow(row.get("file_name"), row.get(caption_column), n))
-    else:
+    if jsonl.is_file() and csv_file.is_file():
+        raise ConfigError(f"data.dataset: {folder} holds both metadata.jsonl and metadata.csv; keep one (ldm, like "
+                          "the Hugging Face imagefolder loader, would read only one and ignore the other)")
+    if not jsonl.is_file() and not csv_file.is_file():
         raise ConfigError(
             f"data.dataset: folder {str(folder)!r} has no metadata.jsonl or metadata.csv; add one with a "
             "'file_name' column and a caption column (see README, 'Your own images')"
         )
     meta = jsonl if jsonl.is_file() else csv_file
+    text = _metadata_text(meta, encoding)
+    columns: set[str] = set()
+    if meta is jsonl:
+        if text.lstrip().startswith("["):
+            raise ConfigError(
+                f"data.dataset: {meta} holds a JSON array; JSON Lines has one object per line. Convert it with "
+                f"python -c \"import json,sys; [print(json.dumps(r)) for r in json.load(open(sys.argv[1]))]\" "
+                f"{meta} > metadata.jsonl.new, then replace the file"
+            )
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                unreadable.append((n, "unreadable metadata line (not JSON)"))
+                continue
+            if not isinstance(row, dict):
+                unreadable.append((n, "unreadable metadata line (not a JSON object)"))
+                continue
+            columns |= row.keys()
+            rows.append(FolderRow(row.get("file_name"), row.get(caption_column), n))
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""), restkey=_EXTRA)
+        columns = set(reader.fieldnames or [])
+        for row in reader:
+            n = reader.line_num
+            if row.get(_EXTRA):
+                unreadable.append((n, "CSV row has more fields than the header (quote captions that contain "
+                                      "commas)"))
+            elif None in row.values():
+                unreadable.append((n, "CSV row has fewer fields than the header"))
+            else:
+                rows.append(FolderRow(row.get("file_name"), row.get(caption_column), n))
     if "file_name" not in columns:
         raise ConfigError(f"data.dataset: {meta} needs a 'file_name' column; its columns are "
-                          f"{', '.join(sorted(columns))}")
+                          f"{', '.join(map(repr, sorted(columns)))}")
     if caption_column not in columns:
         raise ConfigError(f"config key 'data.caption_column': {meta} has no column {caption_column!r}; its columns "
-                          f"are {', '.join(sorted(columns))}")
+                          f"are {', '.join(map(repr, sorted(columns)))}")
     return rows, unreadable
+
+
+_EXTRA = "\0extra fields"
 
 
 class HubSource:
@@ -247,7 +322,7 @@ def open_source(cfg: DataConfig) -> Source:
         return ShapesSource(cfg)
     folder = Path(cfg.dataset).expanduser()
     if folder.is_dir():
-        return FolderSource(folder, cfg.caption_column)
+        return FolderSource(folder, cfg.caption_column, cfg.metadata_encoding)
     if cfg.dataset.startswith((".", "/", "~")):
         raise ConfigError(f"data.dataset: folder {cfg.dataset!r} does not exist")
     from datasets import load_dataset
@@ -304,9 +379,11 @@ class DataReport:
 
 def audit(source: Source, cfg: DataConfig, tokenizer=None) -> DataReport:
     """Decode every sample once; count what is converted and what is skipped."""
+    from ldm.data import to_rgb
+
     report = DataReport(total=len(source) + len(getattr(source, "unreadable", [])))
-    for line in getattr(source, "unreadable", []):
-        report.note("unreadable metadata line", f"line {line}", report.skipped)
+    for line, reason in getattr(source, "unreadable", []):
+        report.note(reason, f"line {line}", report.skipped)
     if isinstance(source, ShapesSource):  # procedural: nothing to check
         report.kept = list(range(len(source)))
         return report
@@ -321,11 +398,10 @@ def audit(source: Source, cfg: DataConfig, tokenizer=None) -> DataReport:
                 raise BadSample(f"image smaller than {min_side} px", source.name(index), f"{w}×{h}")
             if max(w, h) / min(w, h) > cfg.max_aspect_ratio:
                 raise BadSample(f"aspect ratio above {cfg.max_aspect_ratio:g}", source.name(index), f"{w}×{h}")
+            to_rgb(image, source.name(index), notes)
         except BadSample as bad:
             report.note(bad.reason, bad.name, report.skipped)
             continue
-        if image.mode != "RGB":
-            notes.append(f"image mode {image.mode} converted to RGB")
         if limit is not None and len(tokenizer(caption, truncation=False).input_ids) > limit:
             notes.append(f"caption longer than {limit} tokens: truncated")
         for kind in notes:

@@ -48,13 +48,18 @@ from ldm.components import (
     unet_flops_per_image,
     unet_kwargs,
 )
-from ldm.config import Config, ConfigError, save_config
+from ldm.config import Config, ConfigError, UserError, save_config
 from ldm.data import SampleStream, StreamBatches
 from ldm.diffusion import SampleDraws, diffusion_loss, draw_samples, min_snr_weights, snr, training_target
 from ldm.hub import BackgroundPublisher, publish, write_model_card
+from ldm.run_folder import apply_settings, claim_output_dir, record_resume, resume_changes
 from ldm.sources import open_audited
 from ldm.trainable import Trainable, build_trainable
 from ldm.validation import ema_weights, log_validation_loss, validate
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """Training stopped on non-finite losses or gradients (the message names the settings to change)."""
 
 
 def set_tf32(allow: bool) -> None:
@@ -121,7 +126,7 @@ def iterate_batches(stream: SampleStream, sampler: StreamBatches, encoded: Optio
     """Micro-batches in stream order: indices only when pre-encoded, decoded images otherwise."""
     if encoded is not None:
         for positions in sampler:
-            indices = [stream.index_of(p) for p in positions]
+            indices = [encoded.usable(stream.index_of(p)) for p in positions]
             yield {"position": positions, "index": indices, "caption": [stream.source.caption(i) for i in indices]}
         return
     # Its own generator: starting the iterator then draws no number from the global stream, so a resumed
@@ -202,6 +207,19 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
     )
     device, main = accelerator.device, accelerator.is_main_process
     set_tf32(t.allow_tf32)
+    # The folder: a fresh run never takes over another run's; a resume must match the checkpoint's config.
+    ckpt_root = out / "checkpoints"
+    resume_from, resume_applies = None, {}
+    if t.resume is not None:
+        for bad in incomplete_checkpoints(ckpt_root):
+            accelerator.print(f"ignoring incomplete checkpoint {bad} (a save was interrupted)")
+        resume_from = find_resume_folder(t.resume, ckpt_root)
+        if resume_from is None:
+            accelerator.print(f"train.resume=latest: no complete checkpoint in {ckpt_root}; starting from step 0")
+        else:
+            resume_applies = resume_changes(resume_from, cfg, accelerator.num_processes)
+    claim_output_dir(cfg, out, resume_from is not None, t.overwrite_output_dir, main)
+    accelerator.wait_for_everyone()
     if main:
         save_config(cfg, out / "config.yaml")
         if t.report_to != "none":
@@ -266,19 +284,15 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
     # A trained text encoder is a second wrapped model (DDP all-reduces its gradients too).
     text_model = accelerator.prepare(trainable.text_encoder) if trainable.text_encoder is not None else None
     wrapped = [m for m in (model, text_model) if m is not None]
-    # Resume: weights, EMA, optimizer, LR schedule, grad scaler, RNG and the data position.
-    ckpt_root = out / "checkpoints"
+    # Resume: weights, EMA, optimizer, LR schedule, grad scaler, RNG and the data position; then the
+    # current config's learning rates, AdamW and EMA settings (changed ones are recorded in resumes.jsonl).
     step, start_micro = 0, 0
-    if t.resume is not None:
-        for bad in incomplete_checkpoints(ckpt_root):
-            accelerator.print(f"ignoring incomplete checkpoint {bad} (a save was interrupted)")
-        folder = find_resume_folder(t.resume, ckpt_root)
-        if folder is None:
-            accelerator.print(f"train.resume=latest: no complete checkpoint in {ckpt_root}; starting from step 0")
-        else:
-            state = load_training_state(folder, trainable, ema, optimizer, lr_schedule, accelerator)
-            step, start_micro = state.step, state.micro_step
-            accelerator.print(f"resumed from {folder} at step {step}")
+    if resume_from is not None:
+        state = load_training_state(resume_from, trainable, ema, optimizer, lr_schedule, accelerator)
+        apply_settings(cfg, trainable, optimizer, lr_schedule, ema)
+        step, start_micro = state.step, state.micro_step
+        if main:
+            accelerator.print(record_resume(out, step, resume_from, resume_applies))
     if main and t.checkpoint_every:
         check_disk_space(out, estimate_checkpoint_bytes(trainable, ema is not None), "a checkpoint of this run")
     # 7. The loop. Micro-batch k of this process holds stream positions from StreamBatches.
@@ -327,7 +341,7 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
                 accelerator.print(f"step {step + 1}: non-finite loss or gradient (loss {loss.item():.4g}, grad "
                                   f"norm {float(grad_norm):.4g}); update skipped ({bad_streak} in a row)")
                 if t.nonfinite == "stop" or bad_streak >= t.max_nonfinite_steps:
-                    raise FloatingPointError(
+                    raise NonFiniteError(
                         f"stopping at step {step + 1} after {bad_streak} non-finite step(s) (train.nonfinite="
                         f"{t.nonfinite}, train.max_nonfinite_steps={t.max_nonfinite_steps}); lower train.lr, keep "
                         "train.max_grad_norm on, keep the VAE in float32, or check the data")

@@ -251,7 +251,7 @@ class StyleAdapter(Trainable):
 
     def validation_inputs(self, stream, count: int) -> tuple[list[Image.Image], dict]:
         """Prompt k is drawn in the style of stream sample k's reference."""
-        references = [style_reference(stream.source, stream.index_of(k)) for k in range(count)]
+        references = [style_reference(stream.source, stream.usable(stream.index_of(k))[0]) for k in range(count)]
         return references, {"style": references, "style_scale": self.cfg.conditioning.style.scale}
 
     def export(self, folder, vae, text_encoder, tokenizer, scheduler, cfg):

@@ -12,7 +12,11 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake or a situation the user can fix (the message says how); scripts print it without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A config value is wrong; the message names the key and what would be valid."""
 
 

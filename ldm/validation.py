@@ -19,6 +19,7 @@ from ldm.data import SampleStream, prepare_image
 from ldm.evaluation import encode_images, validation_loss
 from ldm.images import make_grid, save_png
 from ldm.pipeline import generate
+from ldm.sources import BadSample
 from ldm.trainable import Trainable
 
 
@@ -71,13 +72,22 @@ def log_validation_loss(cfg: Config, step: int, stream: SampleStream, val_set: l
         return
     device = accelerator.device
     if not val_set:
-        indices = list(range(stream.size, stream.size + n))
-        items = [stream.source.get(i) for i in indices]
+        indices, items = [], []
+        for i in range(stream.size, stream.size + n):
+            try:
+                items.append(stream.source.get(i))
+                indices.append(i)
+            except BadSample as bad:  # went bad after the audit: validate on the others
+                accelerator.print(f"validation: skipping held-back sample {bad}")
+        if not items:
+            accelerator.print("validation: no held-back sample decodes any more; validation loss not measured")
+            return
         val_set += encode_images(frozen.vae, *frozen.text, [im for im, _ in items], [c for _, c in items],
                                  cfg.data.resolution)
         pixels = torch.stack([prepare_image(im, cfg.data, flip=False) for im, _ in items])
         val_set += [trainable.held_back_inputs(stream, indices, pixels, torch.device("cpu")), [c for _, c in items]]
     latents, embeds, extra, captions = val_set
+    n = len(captions)
     if trainable.text_encoder is not None:
         embeds = torch.cat([encode_prompts(*frozen.text, captions[i:i + 64]).cpu() for i in range(0, n, 64)])
 

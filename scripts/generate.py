@@ -5,12 +5,9 @@
 """
 
 import argparse
-from pathlib import Path
 
-from PIL import Image
-
-from ldm.cli import run_script
-from ldm.images import save_generations
+from ldm.cli import image_argument, run_script, text_argument
+from ldm.images import check_unused, save_generations
 from ldm.pipeline import SAMPLERS, generate
 
 
@@ -39,21 +36,25 @@ def main() -> None:
                    help="a LoRA file or exported lora/ folder (Diffusers or kohya format), scale 1 by default; "
                         "repeatable")
     p.add_argument("--out", default="outputs/samples")
+    p.add_argument("--overwrite", action="store_true", help="replace images already in --out")
     a = p.parse_args()
     prompts = list(a.prompt)
     if a.prompts_file:
-        prompts += [line.strip() for line in Path(a.prompts_file).read_text().splitlines() if line.strip()]
+        prompts += [line.strip() for line in text_argument(a.prompts_file, "--prompts-file").splitlines()
+                    if line.strip()]
     if not prompts:
         p.error("give at least one --prompt or a --prompts-file")
+    if not a.overwrite:  # before the model loads: a used folder is refused at once
+        check_unused(a.out)
     results = generate(a.model, prompts, negative_prompt=a.negative_prompt, guidance_scale=a.guidance_scale,
                        num_inference_steps=a.steps, sampler=a.sampler, seed=a.seed, height=a.height,
                        width=a.width, num_images_per_prompt=a.num_images, batch_size=a.batch_size, device=a.device,
                        guidance_rescale=a.guidance_rescale, strength=a.strength,
-                       init_image=Image.open(a.init_image) if a.init_image else None,
-                       sketch=Image.open(a.sketch) if a.sketch else None, conditioning_scale=a.conditioning_scale,
-                       style=Image.open(a.style) if a.style else None, style_scale=a.style_scale,
+                       init_image=image_argument(a.init_image, "--init-image"),
+                       sketch=image_argument(a.sketch, "--sketch"), conditioning_scale=a.conditioning_scale,
+                       style=image_argument(a.style, "--style"), style_scale=a.style_scale,
                        loras=a.lora)
-    paths = save_generations(results, a.out)
+    paths = save_generations(results, a.out, overwrite=a.overwrite)
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
 
 

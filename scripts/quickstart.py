@@ -26,7 +26,9 @@ def main() -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--seeds", type=int, default=2, help="probe seeds per prompt")
     args = parser.parse_args()
-    cfg = load_config(args.config or "configs/quickstart.yaml", args.overrides)
+    # The quickstart is meant to be run again: each run replaces the previous one's folders (say so).
+    cfg = load_config(args.config or "configs/quickstart.yaml",
+                      ["train.overwrite_output_dir=true", "autoencoder.overwrite_output_dir=true", *args.overrides])
     start = time.time()
     train_autoencoder(cfg)
     pipe = load_pipeline(str(train(cfg)))
@@ -34,7 +36,7 @@ def main() -> None:
     samples = generate(pipe, s.prompts, guidance_scale=s.guidance_scale, num_inference_steps=s.num_inference_steps,
                        sampler=s.sampler, seed=s.seed, num_images_per_prompt=4)
     root = Path(cfg.train.output_dir).parent  # outputs/quickstart for the quickstart config
-    grid = save_generations(samples, root / "samples", grid_columns=4)[-1]
+    grid = save_generations(samples, root / "samples", grid_columns=4, overwrite=True)[-1]
     probe = shapes_probe(pipe, seeds=range(args.seeds), sampler=s.sampler,
                          num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale)
     probe_grid = save_probe(probe, root / "probe", {"sampler": s.sampler,

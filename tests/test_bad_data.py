@@ -60,7 +60,14 @@ def _plant(folder: Path, outside: Path) -> tuple[list[dict], dict, dict]:
     skip("aspect ratio above 4", {"file_name": "strip.png", "text": "x"})
     Image.new("1", (10_000, 9_000)).save(folder / "bomb.png")  # 90M pixels: over PIL's bomb limit
     skip("decompression bomb (too many pixels)", {"file_name": "bomb.png", "text": "x"})
+    os.symlink(folder / "loop_b.png", folder / "loop_a.png")
+    os.symlink(folder / "loop_a.png", folder / "loop_b.png")
+    skip("symlink loop", {"file_name": "loop_a.png", "text": "x"})
+    skip("NUL byte in file_name", {"file_name": "good_0.png\u0000.png", "text": "x"})
+    skip("file_name too long", {"file_name": "x" * 300 + ".png", "text": "x"})
     # --- skipped: captions
+    skip("caption is not valid Unicode (a lone surrogate)", {"file_name": "good_9.png", "text": "a red \ud800 circle"})
+    skip("caption has no visible characters", {"file_name": "good_10.png", "text": "\u200b\u2060\ufeff"})
     skip("missing caption", {"file_name": "good_1.png"})
     skip("missing caption", {"file_name": "good_2.png", "text": None})
     skip("empty caption", {"file_name": "good_3.png", "text": ""})
@@ -72,7 +79,11 @@ def _plant(folder: Path, outside: Path) -> tuple[list[dict], dict, dict]:
         rgb.convert(mode).save(folder / f"mode_{mode}.{ext}")
         convert([f"image mode {mode} converted to RGB"], f"mode_{mode}.{ext}")
     Image.fromarray(np.full((24, 24), 40000, np.uint16)).save(folder / "mode_I16.png")
-    convert(["image mode I;16 converted to RGB"], "mode_I16.png")
+    convert(["16-bit image scaled to 8 bits (÷ 257)"], "mode_I16.png")
+    Image.fromarray(np.full((24, 24), 0.25, np.float32)).save(folder / "float.tiff")
+    convert(["float image read as [0, 1] and converted to 8-bit RGB"], "float.tiff")
+    Image.fromarray(np.full((24, 24), -3.0, np.float32)).save(folder / "negative.tiff")
+    skip("F pixels outside the displayable range", {"file_name": "negative.tiff", "text": "x"})
     transparent = Image.new("RGBA", (24, 24), (0, 0, 0, 0)).convert("P")
     transparent.info["transparency"] = 0
     transparent.save(folder / "mode_P_transparent.png", transparency=0)
@@ -99,7 +110,7 @@ def corpus(tmp_path) -> tuple[Path, dict, dict]:
     rows, skipped, converted = _plant(folder, outside)
     lines = [json.dumps(r) for r in rows]
     lines.insert(10, '{"file_name": "broken.png", "text": ')  # a malformed metadata line
-    skipped["unreadable metadata line"] = 1
+    skipped["unreadable metadata line (not JSON)"] = 1
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder, skipped, converted
 
@@ -117,7 +128,7 @@ def test_every_kind_is_counted_and_training_finishes(tiny, tmp_path, corpus):
     assert report["skipped"] == skipped
     assert report["converted"] == converted
     planted = sum(skipped.values())
-    assert report["total"] == GOOD + 30 + 1 and report["usable"] == report["total"] - planted  # 30 rows, 1 broken line
+    assert report["total"] == GOOD + 37 + 1 and report["usable"] == report["total"] - planted  # 37 rows, 1 broken line
     assert report["examples"]["path escapes the dataset folder"] == ["../outside/outside.png", "link.png"]
     assert (out / "pipeline" / "model_index.json").is_file()
 

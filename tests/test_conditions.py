@@ -284,8 +284,8 @@ def test_conditions_train_on_two_processes(condition, text_model, style_model, t
     train_on_two_processes(config)
     name = "controlnet" if condition == "sketch" else "style_adapter"
     assert (tmp_path / "run" / "checkpoints" / "step_000003" / f"{name}.safetensors").is_file()
-    # and the run resumes from its checkpoint on one process
+    # and the run resumes from its checkpoint on one process, at the same global batch (2 × 4 = 1 × 8)
     from ldm.train import train
 
-    train(load_config(config, ["train.max_steps=4", "train.resume=latest"]), show_progress=False)
+    train(load_config(config, ["train.max_steps=4", "train.resume=latest", "train.batch_size=8"]), show_progress=False)
     assert (tmp_path / "run" / "checkpoints" / "step_000004" / f"{name}.safetensors").is_file()

@@ -104,7 +104,7 @@ def test_missing_caption_column_lists_the_columns(write_imagefolder):
     cfg = load_config(None, [f"data.dataset={folder}", "data.caption_column=text"])
     with pytest.raises(ConfigError) as err:
         open_source(cfg.data)
-    assert "no column 'text'" in str(err.value) and "caption, file_name, source" in str(err.value)
+    assert "no column 'text'" in str(err.value) and "'caption', 'file_name', 'source'" in str(err.value)
 
 
 def test_uncached_hub_id_fails_with_one_clear_offline_message(monkeypatch):

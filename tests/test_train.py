@@ -77,7 +77,7 @@ def test_ddpm_sampler_generates_from_the_export(trained):
 
     results = generate(str(trained), ["a green cross at the top"], sampler="ddpm", num_inference_steps=5, seed=1)
     assert results[0].image.size == (16, 16) and results[0].params["sampler"] == "ddpm"
-    with pytest.raises(ValueError, match="valid samplers: ddpm, ddim, dpm\\+\\+"):
+    with pytest.raises(ValueError, match="choose one of ddpm, ddim, dpm\\+\\+"):
         generate(str(trained), ["x"], sampler="plms")
 
 
