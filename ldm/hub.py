@@ -11,7 +11,10 @@ or prints it.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import os
 import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +34,8 @@ ALLOW_PATTERNS = (
     "controlnet/config.json", "controlnet/diffusion_pytorch_model.safetensors",
     "ip_adapter/ip_adapter.safetensors", "ip_adapter/image_encoder/config.json",
     "ip_adapter/image_encoder/model.safetensors",
-    "text_encoder/config.json", "text_encoder/*.safetensors", "text_encoder/model.safetensors.index.json",
+    "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model-*-of-*.safetensors",
+    "text_encoder/model.safetensors.index.json",
     "tokenizer/*.json", "tokenizer/*.txt", "tokenizer/*.model",
     "scheduler/scheduler_config.json",
     "images/*.png", "images/*.jpg",
@@ -59,9 +63,22 @@ def _allowed(path: str, folder: Path) -> bool:
                for pattern in ALLOW_PATTERNS)
 
 
+def check_publishable(folder: str | Path) -> Path:
+    """A folder ldm can publish: an exported pipeline or LoRA folder (a checkpoint or run folder is refused)."""
+    from ldm.config import ConfigError
+
+    folder = Path(folder)
+    if not ((folder / "model_index.json").is_file() or (folder / "pytorch_lora_weights.safetensors").is_file()):
+        hint = " (that is a training checkpoint: publish the run's pipeline/ or lora/ folder)" \
+            if (folder / "state.json").is_file() else ""
+        raise ConfigError(f"{str(folder)!r} is not an exported pipeline folder (model_index.json) nor a LoRA folder "
+                          f"(pytorch_lora_weights.safetensors){hint}; give the pipeline/ or lora/ folder of a run")
+    return folder
+
+
 def upload_plan(folder: str | Path) -> tuple[list[str], list[str]]:
     """(files that would be uploaded, files refused), as sorted paths relative to `folder`."""
-    folder = Path(folder)
+    folder = check_publishable(folder)
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     allowed = {f for f in files if _allowed(f, folder)}
     return [f for f in files if f in allowed], [f for f in files if f not in allowed]
@@ -70,6 +87,46 @@ def upload_plan(folder: str | Path) -> tuple[list[str], list[str]]:
 # --------------------------------------------------------------------------------------------
 # Model card
 # --------------------------------------------------------------------------------------------
+
+
+# Config keys that hold paths on this machine: what leaves it says only the folder's name.
+PATH_KEYS = ("model.pretrained", "model.vae.path", "model.text_encoder.path", "model.unet.path", "data.dataset",
+             "data.cache_dir", "train.output_dir", "train.resume", "autoencoder.output_dir")
+
+
+def _local_name(value: str) -> str:
+    return f"<local>/{Path(value).name}"
+
+
+def public_config(cfg: Config) -> Config:
+    """A copy of `cfg` whose local paths are reduced to `<local>/<folder name>` (Hub ids and the shapes
+    dataset stay as they are), for the model card and the uploaded `ldm_config.yaml`."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    for key in PATH_KEYS:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = getattr(node, part)
+        value = getattr(node, leaf)
+        if isinstance(value, str) and value not in ("shapes", "latest") and not value.startswith("pkg://") \
+                and is_local(value):
+            setattr(node, leaf, _local_name(value))
+    return cfg
+
+
+def _public_json(text: str) -> str:
+    """A component config with Diffusers' / Transformers' `_name_or_path` (where it was loaded from) reduced to
+    the folder name when it is a local path."""
+    import json
+
+    conf = json.loads(text)
+    if isinstance(conf, dict):
+        for key in ("_name_or_path", "name_or_path"):
+            if isinstance(conf.get(key), str) and conf[key] and is_local(conf[key]):
+                conf[key] = _local_name(conf[key])
+    return json.dumps(conf, indent=2, sort_keys=True) + "\n"
 
 
 def count_parameters(weights: Path) -> int:
@@ -89,7 +146,7 @@ def _params(folder: Path, sub: str) -> int:
 
 
 def _is_hub_id(name: Optional[str]) -> bool:
-    return bool(name) and not is_local(name)
+    return bool(name) and not name.startswith("<local>/") and not is_local(name)
 
 
 def _evaluation_rows(evaluation: dict) -> list[str]:
@@ -116,6 +173,7 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
+    cfg = public_config(cfg)  # the card is for others: no local paths
     if (folder / "pytorch_lora_weights.safetensors").is_file():
         return lora_card(folder, cfg, repo_id, evaluation)
     unet, vae = (json.loads((folder / sub / "config.json").read_text()) for sub in ("unet", "vae"))
@@ -171,6 +229,26 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
                   f"`{singles[0]}` holds the same weights in the original Stable-Diffusion key layout "
                   "(for AUTOMATIC1111, ComfyUI or `from_single_file`).", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+_STAMP = re.compile(r"\n<!-- written by ldm \(sha256 ([0-9a-f]{16})\); edits are kept: publish\.py then leaves "
+                    r"this card as it is -->\n$")
+
+
+def _stamp(text: str) -> str:
+    """The card ldm writes ends with the hash of its own text: a card edited by hand no longer matches."""
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return (f"{text}\n<!-- written by ldm (sha256 {digest}); edits are kept: publish.py then leaves this card as "
+            "it is -->\n")
+
+
+def card_is_ldms(path: Path) -> bool:
+    """README.md is absent or exactly as ldm wrote it (so rewriting it loses nothing)."""
+    if not path.is_file():
+        return True
+    text = path.read_text(errors="replace")
+    found = _STAMP.search(text)
+    return bool(found) and hashlib.sha256(text[:found.start()].encode()).hexdigest()[:16] == found.group(1)
 
 
 def _training_lines(cfg: Config) -> list[str]:
@@ -235,20 +313,48 @@ def lora_card(folder: Path, cfg: Config, repo_id: Optional[str] = None, evaluati
 
 
 def write_model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
-                     evaluation: Optional[dict] = None, images: tuple[Path, ...] = ()) -> Path:
-    """Copy `images` into folder/images and write folder/README.md."""
+                     evaluation: Optional[dict] = None, images: tuple[Path, ...] = (),
+                     replace_edited: bool = False) -> Path:
+    """Copy `images` into folder/images and write folder/README.md. A README.md written or edited by hand is
+    kept (unless `replace_edited`): only a card exactly as ldm wrote it is regenerated."""
     folder = Path(folder)
+    path = folder / "README.md"
+    if not replace_edited and not card_is_ldms(path):
+        print(f"keeping {path}: it was written or edited by hand (pass --rewrite-card to replace it)")
+        return path
     for image in images:
         (folder / "images").mkdir(exist_ok=True)
         (folder / "images" / Path(image).name).write_bytes(Path(image).read_bytes())
-    path = folder / "README.md"
-    model_card(folder, cfg, repo_id, evaluation).save(path)
+    path.write_text(_stamp(str(model_card(folder, cfg, repo_id, evaluation))), encoding="utf-8")
     return path
 
 
 # --------------------------------------------------------------------------------------------
 # Upload
 # --------------------------------------------------------------------------------------------
+
+
+def stage_upload(folder: Path, files: list[str]) -> Path:
+    """What goes up, in a sibling folder: the allow-listed files (hard links, no copy), with local paths
+    reduced to folder names in ldm_config.yaml and the component configs' `_name_or_path`."""
+    from ldm.config import load_config, save_config
+
+    folder = Path(folder)
+    staged = folder.with_name(f".{folder.name}.upload")
+    shutil.rmtree(staged, ignore_errors=True)
+    for name in files:
+        source, target = folder / name, staged / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if name == "ldm_config.yaml":
+            save_config(public_config(load_config(source)), target)
+        elif name.endswith("config.json") and "/" in name:
+            target.write_text(_public_json(source.read_text()))
+        else:
+            try:
+                os.link(source, target)
+            except OSError:  # another file system: copy
+                shutil.copy2(source, target)
+    return staged
 
 
 @dataclass
@@ -286,21 +392,25 @@ def publish(folder: str | Path, repo_id: str, private: bool = True, retries: int
 
         api = HfApi()  # token: HF_TOKEN or the saved login, resolved by huggingface_hub
     error, repo = None, None
-    for attempt in range(1, retries + 1):
-        try:
-            if repo is None:  # once created, only the upload is retried
-                repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", allow_patterns=files,
-                              commit_message=commit_message)
-            log(f"published {len(files)} files to {repo}")
-            return PublishResult(True, attempt, files, refused, url=str(repo))
-        except Exception as err:  # any failure is reported, never raised into training
-            error = _describe_error(err)
-            if not _retryable(err) or attempt == retries:
-                break
-            delay = backoff * 2 ** (attempt - 1)
-            log(f"upload to {repo_id} failed (attempt {attempt}/{retries}: {error}); retrying in {delay:.0f} s")
-            (sleep or time.sleep)(delay)
+    staged = stage_upload(folder, files)
+    try:
+        for attempt in range(1, retries + 1):
+            try:
+                if repo is None:  # once created, only the upload is retried
+                    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+                api.upload_folder(folder_path=str(staged), repo_id=repo_id, repo_type="model", allow_patterns=files,
+                                  commit_message=commit_message)
+                log(f"published {len(files)} files to {repo}")
+                return PublishResult(True, attempt, files, refused, url=str(repo))
+            except Exception as err:  # any failure is reported, never raised into training
+                error = _describe_error(err)
+                if not _retryable(err) or attempt == retries:
+                    break
+                delay = backoff * 2 ** (attempt - 1)
+                log(f"upload to {repo_id} failed (attempt {attempt}/{retries}: {error}); retrying in {delay:.0f} s")
+                (sleep or time.sleep)(delay)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     log(f"upload to {repo_id} failed after {attempt} attempt(s): {error}; the local files are intact, "
         f"publish them later with `python scripts/publish.py --model {folder} --repo-id {repo_id}`")
     return PublishResult(False, attempt, files, refused, error=error)

@@ -10,11 +10,10 @@ allow-listed files go up (ldm.hub.ALLOW_PATTERNS); --dry-run lists them and make
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from ldm.cli import run_script
-from ldm.config import ConfigError, load_config
-from ldm.hub import publish, upload_plan, write_model_card
+from ldm.cli import run_script, text_argument
+from ldm.config import load_config
+from ldm.hub import card_is_ldms, check_publishable, publish, upload_plan, write_model_card
 from ldm.pipeline import load_pipeline
 from ldm.single_file import export_single_file
 
@@ -27,27 +26,30 @@ def main() -> None:
     p.add_argument("--eval", help="evaluation JSON for the card (scripts/quickstart.py or evaluate.py output)")
     p.add_argument("--single-file", choices=["fp32", "fp16", "bf16"], help="also upload an LDM-layout single file")
     p.add_argument("--retries", type=int, default=5)
-    p.add_argument("--dry-run", action="store_true", help="write the card, list the files, upload nothing")
+    p.add_argument("--dry-run", action="store_true", help="list what would go up; write and upload nothing")
+    p.add_argument("--rewrite-card", action="store_true", help="replace a README.md written or edited by hand")
     a = p.parse_args()
-    folder = Path(a.model)
-    if not ((folder / "model_index.json").is_file() or (folder / "pytorch_lora_weights.safetensors").is_file()):
-        raise ConfigError(f"--model {str(folder)!r} is not an exported pipeline folder (model_index.json) nor a LoRA "
-                          "folder (pytorch_lora_weights.safetensors): give the pipeline/ or lora/ folder of a run")
+    folder = check_publishable(a.model)
     saved = folder / "ldm_config.yaml"
     cfg = load_config(saved if saved.is_file() else None, [f"hub.repo_id={a.repo_id}"])
-    if a.single_file:
-        export_single_file(load_pipeline(folder), folder / f"{a.repo_id.split('/')[1]}-{a.single_file}.safetensors",
-                           a.single_file)
-    evaluation = json.loads(Path(a.eval).read_text()) if a.eval else None
-    card = write_model_card(folder, cfg, a.repo_id, evaluation)
-    if a.dry_run:
+    evaluation = json.loads(text_argument(a.eval, "--eval")) if a.eval else None
+    single = folder / f"{a.repo_id.split('/')[1]}-{a.single_file}.safetensors" if a.single_file else None
+    if a.dry_run:  # writes nothing: the card and the single file are described, not made
         files, refused = upload_plan(folder)
-        print(f"would upload {len(files)} files to {a.repo_id} ({'public' if a.public else 'private'}):")
-        print("\n".join(f"  {f}" for f in files))
+        card = folder / "README.md"
+        keep = card.is_file() and not a.rewrite_card and not card_is_ldms(card)
+        planned = sorted(set(files) | {"README.md"} | ({single.name} if single else set()))
+        print(f"would upload {len(planned)} files to {a.repo_id} ({'public' if a.public else 'private'}), local paths "
+              "reduced to folder names:")
+        print("\n".join(f"  {f}" for f in planned))
         if refused:
             print(f"never uploaded (not on the allow-list): {', '.join(refused)}")
-        print(f"model card: {card}")
+        print(f"model card: {'your README.md, kept as it is' if keep else 'README.md, written by ldm'}"
+              + (f"; single file {single.name} would be exported first" if single else ""))
         return
+    if single is not None:
+        export_single_file(load_pipeline(folder), single, a.single_file)
+    write_model_card(folder, cfg, a.repo_id, evaluation, replace_edited=a.rewrite_card)
     result = publish(folder, a.repo_id, private=not a.public, retries=a.retries)
     sys.exit(0 if result.ok else 1)
 

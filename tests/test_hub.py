@@ -155,8 +155,15 @@ def test_training_with_an_unreachable_hub_finishes_and_keeps_its_files(tiny, tmp
     assert hub.uploads == []
 
 
-def test_dry_run_lists_the_files_and_makes_no_network_call(exported, tmp_path):
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_dry_run_lists_the_files_writes_nothing_and_makes_no_network_call(exported, tmp_path):
     folder = _with_planted(exported, tmp_path)
+    (folder / "README.md").unlink()  # the card the real run would write is only announced
+    before = _snapshot(folder)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "scripts/publish.py", "--model", str(folder), "--repo-id", "me/shapes",
                            "--single-file", "fp16", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -165,7 +172,9 @@ def test_dry_run_lists_the_files_and_makes_no_network_call(exported, tmp_path):
     listed = {line.strip() for line in proc.stdout.splitlines() if line.startswith("  ")}
     assert listed == PIPELINE_FILES | {"images/step_000002.png", "shapes-fp16.safetensors"}
     assert "checkpoints/step_000002/optimizer.safetensors" in proc.stdout.split("never uploaded")[1]
-    assert "shapes-fp16.safetensors" in (folder / "README.md").read_text()
+    assert "single file shapes-fp16.safetensors would be exported first" in proc.stdout
+    assert _snapshot(folder) == before and not (folder / "README.md").exists()  # nothing written, nothing touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline"]  # no staging folder left beside it
 
 
 def test_uncached_hub_ids_fail_with_one_offline_message(monkeypatch, tmp_path):
