@@ -125,7 +125,7 @@ def train_autoencoder(cfg: Config, show_progress: bool = True) -> Path:
     vae.cpu().save_pretrained(out, safe_serialization=True)
     save_config(cfg, out / "ldm_config.yaml")
     metrics = {"psnr_db": round(held_psnr, 2) if held_psnr is not None else None, "scaling_factor": scaling,
-               "held_out_images": held,
+               "held_out_images": held, "training_images": stream.size,
                "parameters": sum(p.numel() for p in vae.parameters()), "steps": a.max_steps,
                "minutes": round((time.time() - start) / 60, 2)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -36,7 +36,9 @@ ALLOW_PATTERNS = (
     "ip_adapter/image_encoder/model.safetensors",
     "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model-*-of-*.safetensors",
     "text_encoder/model.safetensors.index.json",
-    "tokenizer/*.json", "tokenizer/*.txt", "tokenizer/*.model",
+    "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json",
+    "tokenizer/added_tokens.json", "tokenizer/vocab.json", "tokenizer/vocab.txt", "tokenizer/merges.txt",
+    "tokenizer/*.model",
     "scheduler/scheduler_config.json",
     "images/*.png", "images/*.jpg",
 )

@@ -130,6 +130,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def resume_changes(folder: Path, cfg: Config, world_size: int) -> dict[str, list]:
     """The settings that differ between checkpoint `folder` and `cfg` and that a resume applies, as
     {key: [saved, now]}; raises ConfigError listing the ones it cannot apply."""
+    state = read_state(folder)
     saved_file = folder / "config.yaml"
     if not saved_file.is_file():
         raise ConfigError(f"train.resume: {folder} has no config.yaml, so whether it belongs to this run cannot be "
@@ -138,7 +139,6 @@ def resume_changes(folder: Path, cfg: Config, world_size: int) -> dict[str, list
     now = _flat(to_dict(cfg))
     changed = {k: [saved.get(k), now.get(k)] for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)}
     refused = {k: v for k, v in changed.items() if k not in APPLIED_ON_RESUME and not k.startswith(FREE_ON_RESUME)}
-    state = read_state(folder)
     before = int(state.get("world_size", 1)) * saved["train.batch_size"]
     after = world_size * cfg.train.batch_size
     if before != after:
