@@ -193,7 +193,14 @@ def check_components(cfg: Config) -> tuple[VAEInfo, TextEncoderInfo]:
     """Cross-check config and component configs (no weights): shapes must fit before we build anything.
     Resolves `model.pretrained` first (the config then names the pipeline's components)."""
     resolve_pretrained(cfg)
-    vae, text = describe_vae(cfg.model.vae), describe_text_encoder(cfg.model.text_encoder)
+    try:
+        vae, text = describe_vae(cfg.model.vae), describe_text_encoder(cfg.model.text_encoder)
+    except ConfigError as err:
+        if cfg.model.pretrained is None:
+            raise
+        # The paths came from model.pretrained: name the key the user set, not the one derived from it.
+        raise ConfigError(f"config key 'model.pretrained': {cfg.model.pretrained!r} is not a complete pipeline "
+                          f"({err})") from None
     unet_factor = downsampling_factor(cfg.model.unet.block_out_channels)
     # StableDiffusionPipeline refuses sizes that are not multiples of 8, whatever the VAE.
     factor = math.lcm(vae.downsample * unet_factor, 8)

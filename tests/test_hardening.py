@@ -612,3 +612,14 @@ def test_generate_refuses_a_size_the_model_cannot_make(run):
 
     with pytest.raises(ConfigError, match="height 17: this model generates sizes that are multiples of 4 px"):
         generate(str(run / "pipeline"), ["a red circle"], height=17, num_inference_steps=1)
+
+
+def test_a_broken_pretrained_pipeline_names_model_pretrained_not_a_derived_key(tiny, run, tmp_path):
+    from ldm.components import check_components
+
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(run / "pipeline", pipeline)
+    shutil.rmtree(pipeline / "vae")
+    with pytest.raises(ConfigError, match="config key 'model.pretrained': .* is not a complete pipeline "
+                                          r"\(model.vae.path: no AutoencoderKL config"):
+        check_components(load_config(None, tiny_overrides(tiny, tmp_path / "run") + [f"model.pretrained={pipeline}"]))
