@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ldm.components import FrozenEncoders, encode_prompts, latent_distribution, resolve_path, tokenizer_subfolder
 from ldm.config import Config, ConfigError
 from ldm.data import SampleStream, flip_decision, prepare_image
-from ldm.sources import BadSample
+from ldm.sources import BadSample, record_after_audit
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U8": np.uint8}
 
@@ -161,6 +161,7 @@ class _Decoder:
             return prepare_image(self.stream.source.get(index)[0], self.stream.cfg, flip=flip)
         except BadSample as bad:
             print(f"cache: {bad} (went bad after the audit); the next usable sample takes its place")
+            record_after_audit(self.stream.audit_file, bad, "cache build")
             self.bad.add(key)
             return None
 
@@ -278,6 +279,7 @@ def _fingerprint_or_none(stream: SampleStream, index: int) -> Optional[str]:
         return stream.source.fingerprint(index)
     except BadSample as bad:
         print(f"cache: {bad} (went bad after the audit); the next usable sample takes its place")
+        record_after_audit(stream.audit_file, bad, "cache build")
         return None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
+from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -18,7 +19,7 @@ from PIL import Image, ImageOps
 
 from ldm.config import ConfigError, DataConfig
 from ldm.diffusion import AUGMENT_STREAM, mix_seed, sample_generator
-from ldm.sources import BadSample, Source
+from ldm.sources import BadSample, Source, record_after_audit
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class SampleStream(torch.utils.data.Dataset):
 
     def __init__(self, source: Source, cfg: DataConfig, seed: int):
         self.source, self.cfg, self.seed = source, cfg, seed
+        self.audit_file: Optional[Path] = None  # data_audit.json, where files that go bad later are counted
         self.size = len(source) if cfg.max_samples is None else min(len(source), cfg.max_samples)
         if self.size == 0:
             raise ConfigError(f"data.dataset: {cfg.dataset!r} has no samples")
@@ -138,6 +140,7 @@ class SampleStream(torch.utils.data.Dataset):
             except BadSample as bad:
                 where = f" at stream position {position}" if position is not None else ""
                 logger.warning("skipping %s%s; using the next sample", bad, where)
+                record_after_audit(self.audit_file, bad, f"training stream{where}")
                 index = (index + 1) % self.size
         raise ConfigError(f"data.dataset: no sample of {self.cfg.dataset!r} decodes any more (every file went bad "
                           "after the audit); check the disk and the folder")

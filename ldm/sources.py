@@ -377,6 +377,29 @@ class DataReport:
         return "\n".join(lines)
 
 
+AFTER_AUDIT = "went_bad_after_audit"
+
+
+def record_after_audit(audit_file: Optional[Path], bad: BadSample, where: str) -> None:
+    """Count a sample that passed the audit but no longer decodes in `audit_file` (data_audit.json), under
+    `went_bad_after_audit`: {name: {"reason", "where"}}, one entry per file however often it is met. Ranks and
+    data-loader workers may meet bad files at once, so the update holds an exclusive lock on a sibling file."""
+    if audit_file is None or not audit_file.is_file():
+        return
+    import fcntl
+
+    with open(audit_file.with_name(audit_file.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        report = json.loads(audit_file.read_text())
+        seen = report.setdefault(AFTER_AUDIT, {})
+        if bad.name in seen:
+            return
+        seen[bad.name] = {"reason": bad.reason, "where": where}
+        tmp = audit_file.with_name(audit_file.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(audit_file)
+
+
 def audit(source: Source, cfg: DataConfig, tokenizer=None) -> DataReport:
     """Decode every sample once; count what is converted and what is skipped."""
     from ldm.data import to_rgb

@@ -229,6 +229,7 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
                           cfg.data, t.seed)
     if main and hasattr(stream.source, "report"):
         (out / "data_audit.json").write_text(json.dumps(stream.source.report.to_dict(), indent=1))
+    stream.audit_file = out / "data_audit.json"
     n_val = cfg.data.validation_images
     if n_val >= stream.size:
         raise ConfigError(f"config key 'data.validation_images': {n_val} leaves nothing to train on "

@@ -19,7 +19,7 @@ from ldm.data import SampleStream, prepare_image
 from ldm.evaluation import encode_images, validation_loss
 from ldm.images import make_grid, save_png
 from ldm.pipeline import generate
-from ldm.sources import BadSample
+from ldm.sources import BadSample, record_after_audit
 from ldm.trainable import Trainable
 
 
@@ -79,6 +79,7 @@ def log_validation_loss(cfg: Config, step: int, stream: SampleStream, val_set: l
                 indices.append(i)
             except BadSample as bad:  # went bad after the audit: validate on the others
                 accelerator.print(f"validation: skipping held-back sample {bad}")
+                record_after_audit(stream.audit_file, bad, "validation")
         if not items:
             accelerator.print("validation: no held-back sample decodes any more; validation loss not measured")
             return

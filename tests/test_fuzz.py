@@ -124,5 +124,10 @@ def test_a_run_whose_files_are_damaged_after_the_audit_finishes(tiny, tmp_path, 
     assert (exported / "model_index.json").is_file()
     out = capsys.readouterr().out
     assert "validation: skipping held-back sample" in out and "held-back images" in out
+    later = json.loads((tmp_path / "run" / "data_audit.json").read_text())["went_bad_after_audit"]
+    assert all(name.endswith(tuple(n for n, _ in names[::3])) for name in later)  # only damaged files
+    assert {name for name in later if later[name]["where"] == "validation"}  # 54..59 held back: two damaged
     if cache:
-        assert out.count("went bad after the audit") == len([n for n in names[::3] if int(n[0][:3]) < 54])
+        damaged = [n for n, _ in names[::3] if int(n[:3]) < 54]
+        assert out.count("went bad after the audit") == len(damaged)
+        assert sorted(n.rsplit("/", 1)[-1] for n in later if later[n]["where"] == "cache build") == damaged

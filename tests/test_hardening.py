@@ -320,6 +320,10 @@ def test_files_that_break_after_the_audit_never_abort_a_cached_run_or_its_valida
     assert "validation loss" in out and "on 3 held-back images" in out
     bad = json.loads((tmp_path / "cache" / "bad-r0.json").read_text())
     assert len(bad) == 2  # the two broken files' contents, remembered; the missing one has no content
+    later = json.loads((tmp_path / "run" / "data_audit.json").read_text())["went_bad_after_audit"]
+    assert {name.rsplit("/", 1)[-1]: entry["where"] for name, entry in later.items()} == {
+        "000001.png": "cache build", "000005.png": "cache build", "000007.png": "cache build",
+        "000022.png": "validation"}
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage header", "wrong row count"])
