@@ -310,7 +310,7 @@ def load_training_state(folder: Path, trainable, ema, optimizer, lr_schedule, ac
 
 
 def export_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet, scheduler, cfg: Config,
-                    controlnet=None, style_adapter=None) -> Path:
+                    controlnet=None, style_adapter=None, sampler: Optional[str] = None) -> Path:
     """Write a StableDiffusionPipeline folder that `DiffusionPipeline.from_pretrained` loads.
 
     Written to a temporary sibling and renamed into place, so a crash never leaves a half pipeline
@@ -318,7 +318,7 @@ def export_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet, sche
     """
     folder = Path(folder)
     with replace_folder(folder) as tmp:
-        pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, sampler=cfg.sample.sampler,
+        pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler, sampler=sampler or cfg.sample.sampler,
                                  controlnet=controlnet)
         pipe.save_pretrained(tmp, safe_serialization=True)
         save_config(cfg, tmp / "ldm_config.yaml")

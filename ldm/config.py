@@ -19,7 +19,7 @@ import yaml
 
 from ldm.typed_yaml import ConfigError, UserError, build, parse_override, set_dotted  # noqa: F401 (re-exported)
 
-Sampler = Literal["ddpm", "ddim", "dpm++", "dpm++sde", "euler", "euler-a", "unipc", "heun"]
+Sampler = Literal["ddpm", "ddim", "dpm++", "dpm++sde", "euler", "euler-a", "unipc", "heun", "lcm"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +261,28 @@ class LoRAConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Latent consistency distillation (Luo et al. 2023): the pretrained model (model.pretrained) is the teacher,
+    the student starts from its UNet and learns to jump to the end of the teacher's guided ODE in one step, so it
+    samples in 1–4 steps with the `lcm` sampler and no unconditional pass. With lora.enabled the student is a
+    LoRA on the teacher's UNet (LCM-LoRA)."""
+
+    enabled: bool = False
+    # The teacher's classifier-free guidance, folded into the student at this one scale (no w-embedding: the
+    # student keeps the teacher's architecture, so it exports as a plain UNet or a LoRA, and the shapes sweep
+    # picks one best scale anyway).
+    guidance_scale: float = 3.0
+    # The teacher's ODE grid: t_n = (n + 1)·k − 1 with k = T / num_ddim_timesteps; each step of the solver skips
+    # k training timesteps. It becomes the exported LCMScheduler's original_inference_steps.
+    num_ddim_timesteps: int = 50
+    loss: Literal["huber", "l2"] = "huber"
+    huber_c: float = 0.001  # the pseudo-Huber δ: √(d² + c²) − c
+    # The consistency target comes from an EMA of the student with this decay (0: the student itself,
+    # without gradients, as LCM-LoRA and improved consistency training do).
+    target_decay: float = 0.95
+
+
+@dataclass
 class HubConfig:
     """Publishing to the Hugging Face Hub (token from HF_TOKEN or `hf auth login`, never from the config)."""
 
@@ -282,6 +304,7 @@ class Config:
     hub: HubConfig = field(default_factory=HubConfig)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def downsampling_factor(block_out_channels: Sequence[int]) -> int:
@@ -487,6 +510,25 @@ def check_config(cfg: Config) -> None:
                  "a LoRA adapts a trained model: set model.pretrained to its pipeline (folder or Hub id)")
         _require(c.type == "text", "lora.enabled", f"a LoRA adapts the text-to-image UNet; a {c.type} run trains "
                  "its own small module whole (set lora.enabled=false, or conditioning.type=text)")
+    ds = cfg.distill
+    if ds.enabled:
+        _require(m.pretrained is not None, "distill.enabled",
+                 "distillation needs a teacher: set model.pretrained to a trained pipeline (folder or Hub id)")
+        _require(c.type == "text", "distill.enabled", f"distils the text-to-image UNet; a {c.type} run cannot "
+                 "be distilled (set conditioning.type=text)")
+        _require(ds.guidance_scale >= 1.0, "distill.guidance_scale", f"must be ≥ 1 (1 = no guidance), got "
+                 f"{ds.guidance_scale}")
+        T = m.scheduler.num_train_timesteps
+        _require(1 <= ds.num_ddim_timesteps <= T // 2, "distill.num_ddim_timesteps",
+                 f"must be in [1, {T // 2}] (each solver step skips at least 2 of the {T} training timesteps)")
+        _require(ds.huber_c > 0, "distill.huber_c", f"must be > 0, got {ds.huber_c}")
+        _require(0.0 <= ds.target_decay < 1.0, "distill.target_decay", f"must be in [0, 1), got {ds.target_decay}")
+        _require(cfg.train.snr_gamma is None, "train.snr_gamma", "weights the diffusion loss, not the consistency "
+                 "loss of a distillation run: set train.snr_gamma=null")
+        _require(not cfg.lora.enabled or ds.target_decay == 0, "distill.target_decay",
+                 "an LCM-LoRA distils against the student itself: set distill.target_decay=0")
+        _require(m.text_encoder.train == "frozen", "model.text_encoder.train",
+                 "the teacher and the student share the frozen text encoder in a distillation run: set it 'frozen'")
     te = m.text_encoder
     if te.train != "frozen":
         _require(c.type == "text", "model.text_encoder.train", f"a {c.type} run trains its own module on a frozen "

@@ -140,3 +140,75 @@ def drop_condition(seed: int, positions: Sequence[int], probability: float, stre
     (seed, position) like every draw (a separate stream, so noise, timestep and caption draws are unchanged)."""
     return torch.tensor([torch.rand(1, generator=sample_generator(seed, int(p), stream)).item() < probability
                          for p in positions], dtype=torch.bool)
+
+
+# --------------------------------------------------------------------------------------------
+# Latent consistency distillation (Luo et al. 2023, "Latent Consistency Models"; Song et al. 2023)
+# --------------------------------------------------------------------------------------------
+
+
+def solver_timesteps(timesteps: torch.Tensor, num_train_timesteps: int,
+                     num_ddim_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map uniform draws t ∈ [0, T) onto the teacher's DDIM grid: (t_n, t_{n−1}) with t_n = (n + 1)·k − 1,
+    k = T // num_ddim_timesteps, n = t // k, and t_{n−1} = t_n − k (0 below the grid). The grid is the one
+    LCMScheduler samples on (its original_inference_steps), so training and sampling meet the same t."""
+    k = num_train_timesteps // num_ddim_timesteps
+    n = torch.clamp(timesteps // k, max=num_ddim_timesteps - 1)
+    t = (n + 1) * k - 1
+    return t, torch.clamp(t - k, min=0)
+
+
+def boundary_scalings(timesteps: torch.Tensor, sigma_data: float = 0.5,
+                      timestep_scaling: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of the consistency function f(x, t) = c_skip(t)·x + c_out(t)·x̂₀(x, t) (LCM eq. 9):
+    c_skip = σ_d² / ((s·t)² + σ_d²), c_out = s·t / √((s·t)² + σ_d²), so f(x, 0) = x (the boundary condition).
+    σ_d = 0.5 and s = 10 are LCMScheduler's defaults, so the student is sampled with the scalings it learnt."""
+    scaled = timesteps.float() * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+def _column(x: torch.Tensor) -> torch.Tensor:
+    return x.float().reshape(-1, 1, 1, 1)
+
+
+def predicted_original(model_pred: torch.Tensor, x_t: torch.Tensor, alpha_cumprod_t: torch.Tensor,
+                       prediction_type: Literal["epsilon", "v_prediction"]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂₀, ε̂) from a network output at x_t: x_t = √ᾱ x₀ + √(1−ᾱ) ε, and v = √ᾱ ε − √(1−ᾱ) x₀ (Salimans & Ho
+    2022). Both are affine in model_pred, so guiding the output and converting commute."""
+    a = _column(alpha_cumprod_t)
+    if prediction_type == "epsilon":
+        eps = model_pred.float()
+        return (x_t.float() - (1 - a).sqrt() * eps) / a.sqrt(), eps
+    if prediction_type == "v_prediction":
+        v = model_pred.float()
+        return a.sqrt() * x_t.float() - (1 - a).sqrt() * v, a.sqrt() * v + (1 - a).sqrt() * x_t.float()
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: 'epsilon', 'v_prediction'")
+
+
+def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_cumprod_prev: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM step (Song et al. 2021, eq. 12 with σ = 0) to the earlier timestep:
+    x_prev = √ᾱ_prev x̂₀ + √(1−ᾱ_prev) ε̂. With the skip k of `solver_timesteps` it spans k training steps."""
+    a = _column(alpha_cumprod_prev)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def consistency_output(x: torch.Tensor, x0: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """f(x, t) = c_skip(t)·x + c_out(t)·x̂₀: what the student (and its target) predict for the ODE's end."""
+    c_skip, c_out = boundary_scalings(timesteps)
+    return _column(c_skip) * x.float() + _column(c_out) * x0
+
+
+def guided(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022) in Diffusers' convention: u + w·(c − u), w = 1 is c."""
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def consistency_loss(pred: torch.Tensor, target: torch.Tensor, kind: Literal["huber", "l2"] = "huber",
+                     huber_c: float = 0.001) -> torch.Tensor:
+    """Pseudo-Huber √(d² + c²) − c (Song & Dhariwal 2023) or squared error, per element, averaged (fp32)."""
+    diff = pred.float() - target.float()
+    if kind == "huber":
+        return (torch.sqrt(diff**2 + huber_c**2) - huber_c).mean()
+    return (diff**2).mean()

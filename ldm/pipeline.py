@@ -25,6 +25,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
@@ -47,6 +48,8 @@ SAMPLERS: dict[str, tuple[type, dict]] = {
     "euler-a": (EulerAncestralDiscreteScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
+    # Latent consistency sampling (Luo et al. 2023) for a distilled student: 1–8 steps, guidance 1 (folded in).
+    "lcm": (LCMScheduler, {}),
 }
 
 

@@ -50,7 +50,7 @@ from ldm.components import (
 )
 from ldm.config import Config, ConfigError, UserError, save_config
 from ldm.data import SampleStream, StreamBatches
-from ldm.diffusion import SampleDraws, diffusion_loss, draw_samples, min_snr_weights, snr, training_target
+from ldm.diffusion import SampleDraws, draw_samples
 from ldm.hub import BackgroundPublisher, publish, write_model_card
 from ldm.run_folder import apply_settings, claim_output_dir, record_resume, resume_changes
 from ldm.sources import open_audited
@@ -71,15 +71,10 @@ def set_tf32(allow: bool) -> None:
 def train_step(trainable: Trainable, model, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor,
                noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str, snr_gamma: Optional[float],
                **inputs) -> torch.Tensor:
-    """Loss of one micro-batch: noise the latents to t, predict (through `model`, the wrapped module of
-    `trainable`, with its extra `inputs`), MSE against ε (or v), min-SNR weights."""
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # √ᾱ_t x₀ + √(1−ᾱ_t) ε
-    model_pred = trainable.predict(model, noisy_latents, timesteps, prompt_embeds, **inputs)
-    target = training_target(scheduler, latents, noise, timesteps, prediction_type)
-    weights = None
-    if snr_gamma is not None:
-        weights = min_snr_weights(snr(scheduler.alphas_cumprod, timesteps), snr_gamma, prediction_type)
-    return diffusion_loss(model_pred, target, weights)
+    """Loss of one micro-batch, as `trainable` defines it (through `model`, its wrapped module): the diffusion
+    loss (ε or v, min-SNR weights) for every kind but a distilled student, whose loss is the consistency one."""
+    return trainable.loss(model, scheduler, latents, prompt_embeds, noise, timesteps, prediction_type, snr_gamma,
+                          **inputs)
 
 
 def dry_run_report(cfg: Config, vae: VAEInfo, text: TextEncoderInfo) -> dict:
@@ -336,6 +331,7 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
                                                       else torch.ones((), dtype=torch.bool, device=device))
             if bool(accelerator.reduce(finite.float(), reduction="sum") == accelerator.num_processes):
                 optimizer.step()
+                trainable.after_optimizer_step()
                 bad_streak = 0
             else:
                 bad_streak += 1

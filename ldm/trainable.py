@@ -33,7 +33,15 @@ from ldm.conditions import (
     style_reference,
 )
 from ldm.config import Config, ConfigError, LoRAConfig
-from ldm.diffusion import SKETCH_STREAM, STYLE_STREAM, drop_condition
+from ldm.diffusion import (
+    SKETCH_STREAM,
+    STYLE_STREAM,
+    diffusion_loss,
+    drop_condition,
+    min_snr_weights,
+    snr,
+    training_target,
+)
 from ldm.images import to_pil
 from ldm.pipeline import assemble_pipeline
 
@@ -107,6 +115,21 @@ class Trainable:
     def held_back_inputs(self, stream, indices: list[int], pixel_values: torch.Tensor, device) -> dict:
         """Inputs of `predict` for held-back samples (the validation loss), conditions always on."""
         return {}
+
+    def loss(self, model, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor, noise: torch.Tensor,
+             timesteps: torch.Tensor, prediction_type: str, snr_gamma: Optional[float], **inputs) -> torch.Tensor:
+        """Loss of one micro-batch: noise the latents to t, predict (through `model`, the wrapped module, with
+        the extra `inputs`), MSE against ε (or v), min-SNR weights. A distilled student has its own."""
+        noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # √ᾱ_t x₀ + √(1−ᾱ_t) ε
+        model_pred = self.predict(model, noisy_latents, timesteps, prompt_embeds, **inputs)
+        target = training_target(scheduler, latents, noise, timesteps, prediction_type)
+        weights = None
+        if snr_gamma is not None:
+            weights = min_snr_weights(snr(scheduler.alphas_cumprod, timesteps), snr_gamma, prediction_type)
+        return diffusion_loss(model_pred, target, weights)
+
+    def after_optimizer_step(self) -> None:
+        """Called once per optimizer step that was taken (a distillation's target network follows here)."""
 
     # --- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -294,6 +317,17 @@ class LoRA(Trainable):
     def held_back_inputs(self, stream, indices, pixel_values, device):
         return self.inner.held_back_inputs(stream, indices, pixel_values, device)
 
+    def loss(self, model, scheduler, latents, prompt_embeds, noise, timesteps, prediction_type, snr_gamma, **inputs):
+        return self.inner.loss(model, scheduler, latents, prompt_embeds, noise, timesteps, prediction_type,
+                               snr_gamma, **inputs)
+
+    def after_optimizer_step(self) -> None:
+        self.inner.after_optimizer_step()
+
+    def set_training(self, on: bool) -> None:
+        super().set_training(on)
+        self.inner.set_training(on)  # what the wrapped kind keeps in eval mode (a distillation's teacher)
+
     def module_state(self) -> dict[str, torch.Tensor]:
         """Only the adapter's tensors (peft names: `<module>.lora_A.weight`, …)."""
         from peft import get_peft_model_state_dict
@@ -364,6 +398,10 @@ def build_trainable(cfg: Config, load_unet: Callable[[], torch.nn.Module], vae_d
         "style": lambda: StyleAdapter(cfg, unet, load_unet),
     }
     trainable = table[kind]()
+    if cfg.distill.enabled:  # a few-step student of the pretrained UNet, which stays beside it as the teacher
+        from ldm.distillation import ConsistencyDistillation
+
+        trainable = ConsistencyDistillation(cfg, unet, text)
     if cfg.lora.enabled:
         trainable = LoRA(trainable, cfg.lora)
     if cfg.model.text_encoder.train != "frozen":
