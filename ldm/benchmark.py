@@ -238,6 +238,42 @@ def time_inference(cfg: Config, frozen: FrozenEncoders, device: torch.device, st
             "seconds_per_image_end_to_end": statistics.median(r["per_image"] for r in steady)}
 
 
+def time_few_step(teacher: str, student: str, prompts: list[str], batch: int = 16, repeats: int = 3,
+                  teacher_run: tuple[str, int, float] = ("dpm++", 20, 3.0),
+                  student_run: tuple[str, int, float] = ("lcm", 4, 1.0)) -> dict:
+    """Seconds per image of a teacher and its distilled student through `ldm.generate`, back to back: the two
+    alternate, one warm-up call each, the median of `repeats` timed calls. Each run is (sampler, steps, guidance)."""
+    from ldm.pipeline import generate, load_pipeline
+
+    pipes = {"teacher": load_pipeline(teacher), "student": load_pipeline(student)}
+    runs = {"teacher": teacher_run, "student": student_run}
+    batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
+    seconds: dict[str, list[float]] = {"teacher": [], "student": []}
+    for r in range(repeats + 1):
+        for name, pipe in pipes.items():
+            sampler, steps, guidance = runs[name]
+            start = time.perf_counter()
+            generate(pipe, batch_prompts, sampler=sampler, num_inference_steps=steps, guidance_scale=guidance,
+                     seed=r, batch_size=batch)
+            if r:  # the first round warms up
+                seconds[name].append((time.perf_counter() - start) / batch)
+    out = {name: {"sampler": runs[name][0], "num_inference_steps": runs[name][1], "guidance_scale": runs[name][2],
+                  "unet_evaluations_per_image": runs[name][1] * (2 if runs[name][2] > 1 else 1),
+                  "seconds_per_image": statistics.median(seconds[name]), "all": seconds[name]} for name in pipes}
+    out["speedup"] = out["teacher"]["seconds_per_image"] / out["student"]["seconds_per_image"]
+    return out
+
+
+def format_few_step(r: dict) -> str:
+    rows = ["| model | sampler | steps | guidance | UNet evaluations / image | ms / image |", "| --- |" + " --- |" * 5]
+    for name in ("teacher", "student"):
+        x = r[name]
+        rows.append(f"| {name} | {x['sampler']} | {x['num_inference_steps']} | {x['guidance_scale']:g} | "
+                    f"{x['unet_evaluations_per_image']} | {1000 * x['seconds_per_image']:.1f} |")
+    rows.append(f"student speed-up: {r['speedup']:.2f}× per image")
+    return "\n".join(rows)
+
+
 def run_benchmark(cfg: Config, warmup: int = 3, windows: int = 5, window_steps: int = 4,
                   inference_steps: int = 20, inference_batch: int = 16, cached_only: bool = False) -> dict:
     """The whole report; `cached_only` skips the on-the-fly baseline and inference (for quick GPU sweeps)."""

@@ -106,13 +106,14 @@ def save_probe(result: ProbeResult, folder: str | Path, extra: Optional[dict] = 
 
 @contextmanager
 def count_unet_calls(pipe) -> Iterator[list[int]]:
-    """Counts UNet forward calls (network evaluations, NFE) made inside the block."""
+    """Counts the UNet's network evaluations inside the block, one per latent it runs on: a guided step
+    (conditional and unconditional halves in one batch) costs two per image, an unguided one one."""
     calls = [0]
     inner = pipe.unet.forward
 
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return inner(*args, **kwargs)
+    def counted(sample, *args, **kwargs):
+        calls[0] += sample.shape[0]
+        return inner(sample, *args, **kwargs)
 
     pipe.unet.forward = counted
     try:
@@ -122,17 +123,21 @@ def count_unet_calls(pipe) -> Iterator[list[int]]:
 
 
 def sweep(pipe, runs: Sequence[tuple[str, int, float]], seeds: Sequence[int] = (0,),
-          held_out: Sequence[ShapeSpec] = (), batch_size: int = 64) -> list[dict]:
-    """One probe per (sampler, num_inference_steps, guidance_scale); a row of scores for each."""
+          held_out: Sequence[ShapeSpec] = (), batch_size: int = 64, model: Optional[str] = None) -> list[dict]:
+    """One probe per (sampler, num_inference_steps, guidance_scale); a row of scores for each, with the UNet
+    evaluations spent per image (a guided step costs two) and the seconds per image. `model` labels the rows
+    (when a sweep puts a teacher and its student side by side)."""
     rows = []
     for sampler, steps, guidance in runs:
         start = time.perf_counter()
         with count_unet_calls(pipe) as calls:
             result = shapes_probe(pipe, seeds=seeds, sampler=sampler, num_inference_steps=steps,
                                   guidance_scale=guidance, batch_size=batch_size)
-        batches = -(-len(result.specs) // batch_size)
-        rows.append({"sampler": sampler, "steps": steps, "guidance_scale": guidance,
-                     "nfe": calls[0] // batches, "seconds": round(time.perf_counter() - start, 1),
+        seconds = time.perf_counter() - start
+        n = len(result.specs)
+        rows.append({**({"model": model} if model else {}), "sampler": sampler, "steps": steps,
+                     "guidance_scale": guidance, "nfe": round(calls[0] / n), "seconds": round(seconds, 1),
+                     "seconds_per_image": round(seconds / n, 4),
                      **{k: v for k, v in split_scores(result, held_out).items()}})
     return rows
 
@@ -140,12 +145,15 @@ def sweep(pipe, runs: Sequence[tuple[str, int, float]], seeds: Sequence[int] = (
 def sweep_table(rows: Sequence[dict]) -> str:
     """Markdown: one line per run, all-correct accuracy on seen (and held-out) combinations."""
     held = any("held_out" in r for r in rows)
-    head = "| sampler | steps | NFE | guidance | colour | shape | position | all (seen) |" + (
-        " all (held out) |" if held else "")
+    named = any("model" in r for r in rows)
+    head = ("| model " if named else "") + "| sampler | steps | NFE | guidance | ms / image | colour | shape | " \
+        "position | all (seen) |" + (" all (held out) |" if held else "")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
         s = r["seen"]
-        line = (f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['guidance_scale']:g} | {100 * s['colour']:.1f} % | "
+        line = ((f"| {r.get('model', '')} " if named else "") +
+                f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['guidance_scale']:g} | "
+                f"{1000 * r.get('seconds_per_image', 0):.0f} | {100 * s['colour']:.1f} % | "
                 f"{100 * s['shape']:.1f} % | {100 * s['position']:.1f} % | {100 * s['all']:.1f} % |")
         lines.append(line + (f" {100 * r['held_out']['all']:.1f} % |" if held else ""))
     return "\n".join(lines)
@@ -164,8 +172,11 @@ def plot_sweeps(sampler_rows: Sequence[dict], guidance_rows: Sequence[dict], fol
     paths = []
     if sampler_rows:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name in dict.fromkeys(r["sampler"] for r in sampler_rows):
-            rows = sorted((r for r in sampler_rows if r["sampler"] == name), key=lambda r: r["nfe"])
+        def line(r):
+            return f"{r['model']}, {r['sampler']}" if "model" in r else r["sampler"]
+
+        for name in dict.fromkeys(map(line, sampler_rows)):
+            rows = sorted((r for r in sampler_rows if line(r) == name), key=lambda r: r["nfe"])
             ax.plot([r["nfe"] for r in rows], [100 * r["seen"]["all"] for r in rows], marker="o", label=name)
         ax.set(xscale="log", xlabel="network evaluations per image", ylabel="all three correct (%)",
                title="shapes probe: accuracy vs sampling cost")

@@ -187,6 +187,7 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
     data = ModelCardData(
         library_name="diffusers", pipeline_tag="text-to-image", license=cfg.hub.license,
         tags=["ldm", "text-to-image", "diffusers", "latent-diffusion",
+              *(["lcm", "latent-consistency"] if cfg.distill.enabled else []),
               *(["controlnet"] if (folder / "controlnet").is_dir() else []),
               *(["ip-adapter"] if (folder / "ip_adapter").is_dir() else []), *cfg.hub.tags],
         base_model=base if _is_hub_id(base) else None,
@@ -223,7 +224,7 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
           if (folder / "ip_adapter").is_dir() else []), "",
         f"Noise schedule: {cfg.model.scheduler.beta_schedule}, T = {cfg.model.scheduler.num_train_timesteps}, "
         f"{cfg.model.scheduler.prediction_type} prediction. Default sampler: {s.sampler}.", "",
-        *_training_lines(cfg), *_samples_and_evaluation(folder, evaluation),
+        *_distill_lines(cfg, lora=False), *_training_lines(cfg), *_samples_and_evaluation(folder, evaluation),
     ]
     singles = sorted(p.name for p in folder.glob("*.safetensors") if _model_file(p))
     if singles:
@@ -251,6 +252,26 @@ def card_is_ldms(path: Path) -> bool:
     text = path.read_text(errors="replace")
     found = _STAMP.search(text)
     return bool(found) and hashlib.sha256(text[:found.start()].encode()).hexdigest()[:16] == found.group(1)
+
+
+def _distill_lines(cfg: Config, lora: bool) -> list[str]:
+    """How to sample a distilled student: the steps and guidance it was made for."""
+    d = cfg.distill
+    if not d.enabled:
+        return []
+    return [
+        "## Few-step sampling", "",
+        f"Distilled from `{cfg.model.pretrained}` by latent consistency distillation (Luo et al. 2023): the "
+        f"teacher's classifier-free guidance at scale {d.guidance_scale:g} is folded into the weights. Sample with "
+        "`LCMScheduler` in 1–8 steps (4 is the usual choice) and `guidance_scale=1`, which skips the unconditional "
+        "pass: one UNet evaluation per image and step. A higher guidance scale adds guidance on top and doubles "
+        "the cost.",
+        *(["", "The base keeps its own scheduler; switch it before sampling with this LoRA:", "", "```python",
+           "from diffusers import LCMScheduler", "", "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)",
+           "```"] if lora else
+          ["", "The pipeline's scheduler already is that `LCMScheduler` (its `original_inference_steps` = "
+           f"{d.num_ddim_timesteps}, the grid it was distilled on)."]), "",
+    ]
 
 
 def _training_lines(cfg: Config) -> list[str]:
@@ -289,6 +310,7 @@ def lora_card(folder: Path, cfg: Config, repo_id: Optional[str] = None, evaluati
     alpha = lo.alpha if lo.alpha is not None else lo.rank
     data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", license=cfg.hub.license,
                          tags=["ldm", "lora", "text-to-image", "diffusers", *(["dora"] if lo.use_dora else []),
+                               *(["lcm", "latent-consistency"] if cfg.distill.enabled else []),
                                *cfg.hub.tags],
                          base_model=base if _is_hub_id(base) else None,
                          instance_prompt=", ".join(lo.trigger_words) or None)
@@ -309,7 +331,7 @@ def lora_card(folder: Path, cfg: Config, repo_id: Optional[str] = None, evaluati
         f"guidance_scale={s.guidance_scale}).images[0]", "```", "",
         *(["`lora_kohya.safetensors` holds the same adapter in the kohya-ss format (`lora_unet_…`, per-module "
            "alpha) for AUTOMATIC1111 and ComfyUI.", ""] if kohya else []),
-        *_training_lines(cfg), *_samples_and_evaluation(folder, evaluation),
+        *_distill_lines(cfg, lora=True), *_training_lines(cfg), *_samples_and_evaluation(folder, evaluation),
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 

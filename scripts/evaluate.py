@@ -6,6 +6,12 @@
 Held-out combinations come from the pipeline's own ldm_config.yaml (data.shapes.holdout) and are
 scored separately. Also reports the loss with fixed noise and timesteps, per timestep bucket, on
 fresh shapes pictures. Writes sweep.json, sweep.md and accuracy_vs_nfe.png / accuracy_vs_guidance.png.
+NFE is UNet evaluations per image (a guided step costs two); ms / image is measured in the same run.
+
+A distilled student (configs/quickstart-lcm.yaml) is swept next to its teacher:
+
+    python scripts/evaluate.py --model outputs/quickstart/text2img/pipeline --samplers dpm++:1,2,4,8,20 \
+        --sampler-guidance 3 --guidance '' --student outputs/quickstart/lcm/pipeline --student-samplers lcm:1,2,4,8
 """
 
 import argparse
@@ -28,16 +34,26 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1, help="probe seeds (216 prompts each)")
     p.add_argument("--validation-images", type=int, default=432,
                    help="fresh shapes pictures (never trained on) for the loss per timestep bucket")
+    p.add_argument("--student", help="a distilled pipeline of --model, swept beside it")
+    p.add_argument("--student-samplers", nargs="*", default=["lcm:1,2,4,8"], help="NAME:STEPS,… for --student")
+    p.add_argument("--student-guidance", type=float, default=1.0, help="1: guidance folded in, no unconditional pass")
     p.add_argument("--out", default="outputs/eval")
     a = p.parse_args()
     held = saved_holdout(a.model)
     pipe, seeds = load_pipeline(a.model), range(a.seeds)
-    runs = [(name, int(n), a.sampler_guidance) for spec in a.samplers for name, steps in [spec.split(":")]
-            for n in steps.split(",")]
-    sampler_rows = sweep(pipe, runs, seeds, held)
+
+    def runs(specs, guidance):
+        return [(name, int(n), guidance) for spec in specs for name, steps in [spec.split(":")]
+                for n in steps.split(",")]
+
+    label = "teacher" if a.student else None
+    sampler_rows = sweep(pipe, runs(a.samplers, a.sampler_guidance), seeds, held, model=label)
+    if a.student:  # the student, back to back with its teacher, on the same prompts and seeds
+        sampler_rows += sweep(load_pipeline(a.student), runs(a.student_samplers, a.student_guidance), seeds, held,
+                              model="student")
     g_name, g_steps = a.guidance_sampler.split(":")
     scales = [float(g) for g in a.guidance.split(",") if g]
-    guidance_rows = sweep(pipe, [(g_name, int(g_steps), g) for g in scales], seeds, held)
+    guidance_rows = sweep(pipe, [(g_name, int(g_steps), g) for g in scales], seeds, held, model=label)
     # Validation loss: jittered renders of every combination from a seed training never uses.
     fresh = ShapesDataset(a.validation_images, pipe.unet.config.sample_size * pipe.vae_scale_factor, seed=1_000_003)
     items = [fresh[i] for i in range(len(fresh))]

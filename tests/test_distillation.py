@@ -225,6 +225,8 @@ def test_a_two_step_distillation_checkpoints_student_and_target(teacher, student
     target_moved = max((ckpt["target." + k] - base[k]).abs().max().item() for k in own)
     assert moved > 1e-4 and 0 < target_moved < moved  # the target follows the student, slowly
     assert (student / "scheduler" / "scheduler_config.json").read_text().count("LCMScheduler") == 1
+    card = (student / "README.md").read_text()
+    assert "## Few-step sampling" in card and "guidance_scale=1" in card and "num_inference_steps=2" in card
 
 
 def test_plain_diffusers_samples_the_export_as_ldm_generate_with_lcm(student):
@@ -278,6 +280,7 @@ def test_lcm_lora_trains_only_adapters_and_loads_in_plain_diffusers(teacher, tmp
                    show_progress=False)
     ckpt = load_file(str(out / "checkpoints" / "step_000002" / "lora.safetensors"))
     assert ckpt and all("lora_" in k for k in ckpt)
+    assert "LCMScheduler.from_config" in (folder / "README.md").read_text()
     ours = generate(teacher, PROMPTS, loras=[folder], sampler="lcm", num_inference_steps=2, guidance_scale=1.0,
                     seed=5)
     pipe = DiffusionPipeline.from_pretrained(teacher)

@@ -237,10 +237,12 @@ def test_evaluate_script_sweeps_samplers_and_guidance(trained, tmp_path):
     for row in report["samplers"] + report["guidance"]:
         assert row["seen"]["n"] == 216 and 0.0 <= row["seen"]["all"] <= 1.0
     assert len(report["validation_loss"]) == 11 and report["validation_loss"]["mean"] > 0  # 10 buckets + mean
-    # NFE counts UNet calls per image batch (guidance batches both passes into one call).
-    assert [r["nfe"] for r in report["samplers"]] == [2, 3, 2]
+    # NFE counts UNet evaluations per image: a guided step (both halves in one call) costs two.
+    assert [r["nfe"] for r in report["samplers"]] == [4, 6, 4]
+    assert [r["nfe"] for r in report["guidance"]] == [2, 4]
+    assert all(0 < r["seconds_per_image"] < r["seconds"] for r in report["samplers"])
     assert (out / "accuracy_vs_nfe.png").stat().st_size > 1000 and (out / "accuracy_vs_guidance.png").is_file()
-    assert "| dpm++ | 3 | 3 | 4 |" in (out / "sweep.md").read_text() and "| dpm++ | 3 |" in stdout
+    assert "| dpm++ | 3 | 6 | 4 |" in (out / "sweep.md").read_text() and "| dpm++ | 3 |" in stdout
 
 
 def test_guidance_batches_both_passes_and_one_skips_the_unconditional(trained):
