@@ -51,6 +51,7 @@ class ConsistencyDistillation(Trainable):
         self._empty: Optional[torch.Tensor] = None
         # θ⁻ starts at the student's (= the teacher's) weights; an LCM-LoRA uses the student itself (decay 0).
         self._target = copy.deepcopy(unet).requires_grad_(False).eval() if self.distill.target_decay > 0 else None
+        self._pairs: Optional[list[tuple[torch.nn.Parameter, torch.nn.Parameter]]] = None
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.module, self.teacher] + ([self._target] if self._target is not None else [])
@@ -65,16 +66,15 @@ class ConsistencyDistillation(Trainable):
         """The consistency target: an EMA copy of the student (decay > 0) or the student itself (decay 0)."""
         return self.module if self._target is None else self._target
 
-    def _target_pairs(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
-        theirs = dict(self.target().named_parameters())
-        return [(theirs[n], p) for n, p in self.module.named_parameters() if p.requires_grad]
-
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """θ⁻ ← μ·θ⁻ + (1 − μ)·θ over the trained parameters (LCM Algorithm 1)."""
-        if self.distill.target_decay == 0:
+        if self._target is None:
             return
-        for target, own in self._target_pairs():
+        if self._pairs is None:  # (θ⁻, θ) once: the parameter objects live as long as the run
+            theirs = dict(self._target.named_parameters())
+            self._pairs = [(theirs[n], p) for n, p in self.module.named_parameters() if p.requires_grad]
+        for target, own in self._pairs:
             target.lerp_(own.detach(), 1.0 - self.distill.target_decay)
 
     def module_state(self) -> dict[str, torch.Tensor]:

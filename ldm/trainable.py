@@ -397,11 +397,12 @@ def build_trainable(cfg: Config, load_unet: Callable[[], torch.nn.Module], vae_d
         "sketch": lambda: SketchControlNet(cfg, unet, vae_downsample),
         "style": lambda: StyleAdapter(cfg, unet, load_unet),
     }
-    trainable = table[kind]()
     if cfg.distill.enabled:  # a few-step student of the pretrained UNet, which stays beside it as the teacher
         from ldm.distillation import ConsistencyDistillation
 
-        trainable = ConsistencyDistillation(cfg, unet, text)
+        trainable: Trainable = ConsistencyDistillation(cfg, unet, text)
+    else:
+        trainable = table[kind]()
     if cfg.lora.enabled:
         trainable = LoRA(trainable, cfg.lora)
     if cfg.model.text_encoder.train != "frozen":

@@ -4,8 +4,6 @@ processes, export that plain Diffusers samples like ldm.generate)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_overrides, write_config
 from ldm.config import ConfigError, load_config
-from test_resume import ROOT, _env, _launch_and_kill, _max_diff, train_on_two_processes
+from test_resume import _max_diff, kill_resume_and_compare, train_on_two_processes
 
 PROMPTS = ["a red circle in the center", "a blue square on the left"]
 
@@ -249,23 +247,9 @@ def test_plain_diffusers_samples_the_export_as_ldm_generate_with_lcm(student):
 
 
 def test_distillation_resumes_exactly_after_sigkill(teacher, tmp_path):
-    from ldm.train import train
-
     run = ["train.max_steps=6", "train.gradient_accumulation_steps=2", "train.ema_decay=0.9"]
-    ref = tmp_path / "ref"
-    train(load_config(None, _distill_overrides(teacher, ref, *run)), show_progress=False)
-    out = tmp_path / "killed"
-    config = write_config(tmp_path / "run.yaml", _distill_overrides(teacher, out, *run))
-    _launch_and_kill(tmp_path, config, "step", 0.4, out / "checkpoints" / "step_000002")
-    assert not (out / "checkpoints" / "step_000006").exists(), "the run was meant to die mid-way"
-    proc = subprocess.run([sys.executable, "scripts/train_text2img.py", "--config", str(config), "train.resume=latest"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "resumed from" in proc.stdout
-    for name in ("student.safetensors", "ema.safetensors"):
-        a = load_file(str(ref / "checkpoints" / "step_000006" / name))
-        b = load_file(str(out / "checkpoints" / "step_000006" / name))
-        assert _max_diff(a, b) <= 1e-6, name
+    kill_resume_and_compare(tmp_path, lambda out: _distill_overrides(teacher, out, *run),
+                            ("student.safetensors", "ema.safetensors"))
 
 
 def test_lcm_lora_trains_only_adapters_and_loads_in_plain_diffusers(teacher, tmp_path):

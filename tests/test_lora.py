@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_overrides, write_config
 from ldm.config import ConfigError, load_config
-from test_resume import ROOT, _env, _launch_and_kill, _max_diff, train_on_two_processes
+from test_resume import ROOT, _env, _max_diff, kill_resume_and_compare, train_on_two_processes
 
 PROMPTS = ["a red circle in the center", "a blue square on the left"]
 RANK, ALPHA = 4, 2.0  # alpha ≠ rank: every consumer must apply the scale alpha / rank = 0.5
@@ -116,24 +116,10 @@ def test_lora_training_changes_no_base_weight(tiny, base, tmp_path):
 
 
 def test_lora_resumes_exactly_after_sigkill(base, tmp_path):
-    from ldm.train import train
-
     run = ["train.max_steps=6", "train.gradient_accumulation_steps=2", "train.lr_scheduler=cosine",
            "train.lr_warmup_steps=1"]
-    ref = tmp_path / "ref"
-    train(load_config(None, lora_overrides(base, ref, *run)), show_progress=False)
-    out = tmp_path / "killed"
-    config = write_config(tmp_path / "run.yaml", lora_overrides(base, out, *run))
-    _launch_and_kill(tmp_path, config, "step", 0.4, out / "checkpoints" / "step_000002")
-    assert not (out / "checkpoints" / "step_000006").exists(), "the run was meant to die mid-way"
-    proc = subprocess.run([sys.executable, "scripts/train_text2img.py", "--config", str(config), "train.resume=latest"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "resumed from" in proc.stdout
-    for name in ("lora.safetensors", "ema.safetensors"):
-        a = load_file(str(ref / "checkpoints" / "step_000006" / name))
-        b = load_file(str(out / "checkpoints" / "step_000006" / name))
-        assert _max_diff(a, b) <= 1e-6, name
+    kill_resume_and_compare(tmp_path, lambda out: lora_overrides(base, out, *run),
+                            ("lora.safetensors", "ema.safetensors"))
 
 
 def test_lora_two_processes_match_one(base, tmp_path):

@@ -69,6 +69,27 @@ def _launch_and_kill(tmp: Path, config: Path, mode: str, seconds: float, kill_wh
     proc.wait()
 
 
+def kill_resume_and_compare(tmp: Path, overrides, files: tuple[str, ...], last: int = 6) -> None:
+    """Train `overrides(out)` uninterrupted and, beside it, SIGKILLed after checkpoint 2 and resumed with
+    scripts/train_text2img.py train.resume=latest; checkpoint `last` must hold the same `files` (≤ 1e-6)."""
+    from ldm.train import train
+
+    ref = tmp / "ref"
+    train(load_config(None, overrides(ref)), show_progress=False)
+    out = tmp / "killed"
+    config = write_config(tmp / "run.yaml", overrides(out))
+    _launch_and_kill(tmp, config, "step", 0.4, out / "checkpoints" / "step_000002")
+    assert not (out / "checkpoints" / f"step_{last:06d}").exists(), "the run was meant to die mid-way"
+    proc = subprocess.run([sys.executable, "scripts/train_text2img.py", "--config", str(config), "train.resume=latest"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout
+    for name in files:
+        a = load_file(str(ref / "checkpoints" / f"step_{last:06d}" / name))
+        b = load_file(str(out / "checkpoints" / f"step_{last:06d}" / name))
+        assert _max_diff(a, b) <= 1e-6, name
+
+
 def train_on_two_processes(config: Path) -> str:
     """scripts/train_text2img.py under `accelerate launch`, 2 CPU processes (gloo); returns its stdout."""
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
