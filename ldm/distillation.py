@@ -115,13 +115,16 @@ class ConsistencyDistillation(Trainable):
         x_t = scheduler.add_noise(latents, noise, t)  # √ᾱ_t x₀ + √(1−ᾱ_t) ε, on the grid
         x0 = predicted_original(model(x_t, t, prompt_embeds).sample, x_t, alphas[t], prediction_type)[0]
         student = consistency_output(x_t, x0, t)
+        fast = torch.autocast(x_t.device.type, torch.bfloat16, enabled=d.frozen_precision == "bf16")
         with torch.no_grad():
-            both = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([prompt_embeds, uncond])).sample
-            cond, unc = both.chunk(2)
+            with fast:
+                both = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([prompt_embeds, uncond]))
+            cond, unc = both.sample.to(x_t.dtype).chunk(2)
             x0_hat, eps_hat = predicted_original(guided(unc, cond, d.guidance_scale), x_t, alphas[t], prediction_type)
             x_s = ddim_step(x0_hat, eps_hat, alphas[s]).to(x_t.dtype)
-            target = self.target()
-            x0_s = predicted_original(target(x_s, s, prompt_embeds).sample, x_s, alphas[s], prediction_type)[0]
+            with fast:
+                eps_s = self.target()(x_s, s, prompt_embeds).sample.to(x_t.dtype)
+            x0_s = predicted_original(eps_s, x_s, alphas[s], prediction_type)[0]
             goal = consistency_output(x_s, x0_s, s)
         return consistency_loss(student, goal, d.loss, d.huber_c)
 
