@@ -51,7 +51,7 @@ class ConsistencyDistillation(Trainable):
         self._empty: Optional[torch.Tensor] = None
         # θ⁻ starts at the student's (= the teacher's) weights; an LCM-LoRA uses the student itself (decay 0).
         self._target = copy.deepcopy(unet).requires_grad_(False).eval() if self.distill.target_decay > 0 else None
-        self._pairs: Optional[list[tuple[torch.nn.Parameter, torch.nn.Parameter]]] = None
+        self._pairs: Optional[tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]] = None
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.module, self.teacher] + ([self._target] if self._target is not None else [])
@@ -71,11 +71,11 @@ class ConsistencyDistillation(Trainable):
         """θ⁻ ← μ·θ⁻ + (1 − μ)·θ over the trained parameters (LCM Algorithm 1)."""
         if self._target is None:
             return
-        if self._pairs is None:  # (θ⁻, θ) once: the parameter objects live as long as the run
+        if self._pairs is None:  # ([θ⁻], [θ]) once: the parameter objects live as long as the run
             theirs = dict(self._target.named_parameters())
-            self._pairs = [(theirs[n], p) for n, p in self.module.named_parameters() if p.requires_grad]
-        for target, own in self._pairs:
-            target.lerp_(own.detach(), 1.0 - self.distill.target_decay)
+            pairs = [(theirs[n], p) for n, p in self.module.named_parameters() if p.requires_grad]
+            self._pairs = ([t for t, _ in pairs], [p for _, p in pairs])
+        torch._foreach_lerp_(*self._pairs, 1.0 - self.distill.target_decay)
 
     def module_state(self) -> dict[str, torch.Tensor]:
         state = super().module_state()
