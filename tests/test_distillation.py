@@ -321,7 +321,8 @@ def test_distillation_on_two_processes_matches_one(teacher, tmp_path):
     # L2 and adam_epsilon 1e-4: all-reduce sums in another order than one batch (fp32 noise, test_resume says
     # why Adam amplifies it where |g| ≈ ε), and the pseudo-Huber gradient d/√(d² + c²) has curvature 1/c = 1000
     # at d ≈ 0, which amplifies it again (2.6e-6 between batch 8 and 2 × 4 accumulated in one process, 3.4e-5
-    # across processes; with L2 1.2e-7 in one process and 1.1e-6 across two).
+    # across processes; with L2 1.2e-7 in one process and 1.1e-6 across two, up to 3.0e-6 with the fused AdamW
+    # kernel). Two updates at lr 1e-3 move a weight by up to 2e-3: 5e-6 is 400x below what a wrong split shows.
     common = ["train.adam_epsilon=1e-4", "distill.loss=l2"]
     one = tmp_path / "one"
     train(load_config(None, _distill_overrides(teacher, one, "train.batch_size=8", *common)), show_progress=False)
@@ -329,4 +330,4 @@ def test_distillation_on_two_processes_matches_one(teacher, tmp_path):
     train_on_two_processes(write_config(tmp_path / "two.yaml", _distill_overrides(teacher, two, *common)))
     a = load_file(str(one / "checkpoints" / "step_000002" / "student.safetensors"))
     b = load_file(str(two / "checkpoints" / "step_000002" / "student.safetensors"))
-    assert _max_diff(a, b) <= 2e-6
+    assert _max_diff(a, b) <= 5e-6
