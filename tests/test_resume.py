@@ -291,3 +291,26 @@ def test_validation_with_ema_restores_the_training_weights(tiny, tmp_path):
     # and the EMA weights really differ from the training weights (so the swap was not a no-op)
     unet, ema = load_file(str(a / "unet.safetensors")), load_file(str(a / "ema.safetensors"))
     assert (unet["conv_in.weight"] - ema["conv_in.weight"]).abs().max() > 1e-6
+
+
+def test_the_fused_ema_update_is_diffusers_ema_update():
+    """ParameterEMA's one foreach lerp gives what EMAModel.step gives (with warm-up, so the decay changes every
+    step), and leaves its step count and decay where EMAModel would."""
+    from diffusers.training_utils import EMAModel
+
+    from ldm.validation import ParameterEMA
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((8, 3), (5,), (2, 2, 3))]
+    ours = ParameterEMA(params, decay=0.9, use_ema_warmup=True)
+    theirs = EMAModel(params, decay=0.9, use_ema_warmup=True)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        ours.step(params)
+        theirs.step(params)
+    assert ours.optimization_step == theirs.optimization_step == 4
+    assert ours.cur_decay_value == theirs.cur_decay_value
+    for a, b, p in zip(ours.shadow_params, theirs.shadow_params, params):
+        assert torch.allclose(a, b, atol=1e-6) and (a - p).abs().max() > 0.1  # averaged, not a copy
