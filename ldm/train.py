@@ -15,7 +15,9 @@
 from __future__ import annotations
 
 import json
+import re
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -342,7 +344,9 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
                         f"stopping at step {step + 1} after {bad_streak} non-finite step(s) (train.nonfinite="
                         f"{t.nonfinite}, train.max_nonfinite_steps={t.max_nonfinite_steps}); lower train.lr, keep "
                         "train.max_grad_norm on, keep the VAE in float32, or check the data")
-            lr_schedule.step()
+            with warnings.catch_warnings():  # a skipped update still counts as a step of the schedule
+                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"), UserWarning)
+                lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
         if ema is not None and bad_streak == 0:
             ema.step(params)
