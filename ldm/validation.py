@@ -1,6 +1,6 @@
 """Validation during training: a grid for fixed prompts and seeds (drawn on sketches or in the style of
-references for conditioned runs), the loss per timestep bucket on held-back samples, and the EMA
-the export and both of them use."""
+references for conditioned runs), the loss per timestep bucket on held-back samples, and the EMA of the
+trained weights that both of them and the export use."""
 
 from __future__ import annotations
 
