@@ -14,7 +14,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from diffusers import (
@@ -209,6 +209,7 @@ def generate(
     style: Union[None, Image.Image, Sequence[Image.Image]] = None,
     style_scale: float = 1.0,
     loras: Sequence = (),
+    on_step: Optional[Callable[[float], None]] = None,
 ) -> list[Generated]:
     """Generate `num_images_per_prompt` images for each prompt; returns them with their parameters.
 
@@ -223,7 +224,10 @@ def generate(
     without `style` it draws from the text alone.
 
     `loras`: LoRA files or exported lora/ folders (Diffusers or kohya format), each `path`, `"path:scale"` or
-    `(path, scale)`, loaded into the pipeline with Diffusers' `load_lora_weights` and applied together."""
+    `(path, scale)`, loaded into the pipeline with Diffusers' `load_lora_weights` and applied together.
+
+    `on_step(fraction)` is called after every denoising step with the fraction of the whole call done (a
+    progress bar's value); it sees no tensors and cannot change the result."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
@@ -249,12 +253,13 @@ def generate(
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = height or size, width or size
-    multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    # The UNet halves the latents once per level below the first; Diffusers' pipelines also ask for 8 px.
+    multiple = math.lcm(8, pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1))
     for name, value in (("height", height), ("width", width)):
         if value % multiple:
             nearest = max(multiple, round(value / multiple) * multiple)
             raise ConfigError(f"{name} {value}: this model generates sizes that are multiples of {multiple} px "
-                              f"(its VAE and UNet downsampling); try {nearest}")
+                              f"(its VAE and UNet downsampling, and Diffusers' 8 px); try {nearest}")
     sketches = _per_prompt(sketch, prompts, "sketches", width, height) if sketch is not None else []
     references = _per_prompt(style, prompts, "style references") if style is not None else []
     if styled:
@@ -277,12 +282,18 @@ def generate(
     groups = [[job for job in jobs if job[2] == k] for k in range(len(prompts))] \
         if styled and references and not isinstance(style, Image.Image) else [jobs]
     chunks = [group[i:i + batch_size] for group in groups for i in range(0, len(group), batch_size)]
-    for chunk in chunks:
+    for n, chunk in enumerate(chunks):
         generators = [torch.Generator(device="cpu").manual_seed(s) for _, s, _ in chunk]
         common = dict(prompt=[p for p, _, _ in chunk],
                       negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
                       guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                       generator=generators, output_type="pil")
+        if on_step is not None:
+            def progress(p, i, t, kwargs, n=n):
+                on_step((n + (i + 1) / max(p.num_timesteps, 1)) / len(chunks))
+                return kwargs
+
+            common["callback_on_step_end"] = progress
         if styled:  # the chunk's one reference (or none: zero embeddings at scale 0), embedded as Diffusers does
             common["ip_adapter_image_embeds"] = [_style_embeds(pipe, references[chunk[0][2]] if references else None,
                                                                guidance_scale)]
