@@ -41,6 +41,7 @@ ALLOW_PATTERNS = (
     "tokenizer/*.model",
     "scheduler/scheduler_config.json",
     "images/*.png", "images/*.jpg",
+    "app.py", "requirements.txt",  # the web demo, when `scripts/app.py --write-space` put it there (a Space)
 )
 _TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
 
@@ -192,6 +193,8 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
               *(["ip-adapter"] if (folder / "ip_adapter").is_dir() else []), *cfg.hub.tags],
         base_model=base if _is_hub_id(base) else None,
         datasets=[cfg.data.dataset] if _is_hub_id(cfg.data.dataset) else None,
+        # With the app beside the weights, the same folder pushed as a Space (repo_type="space") serves it.
+        **({"sdk": "gradio", "app_file": "app.py"} if (folder / "app.py").is_file() else {}),
     )
     s = cfg.sample
     attends = [str(i) for i, kind in enumerate(unet["down_block_types"]) if kind.startswith("CrossAttn")]
@@ -224,7 +227,8 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
           if (folder / "ip_adapter").is_dir() else []), "",
         f"Noise schedule: {cfg.model.scheduler.beta_schedule}, T = {cfg.model.scheduler.num_train_timesteps}, "
         f"{cfg.model.scheduler.prediction_type} prediction. Default sampler: {s.sampler}.", "",
-        *_distill_lines(cfg, lora=False), *_training_lines(cfg), *_samples_and_evaluation(folder, evaluation),
+        *_distill_lines(cfg, lora=False), *_demo_lines(folder, name), *_training_lines(cfg),
+        *_samples_and_evaluation(folder, evaluation),
     ]
     singles = sorted(p.name for p in folder.glob("*.safetensors") if _model_file(p))
     if singles:
@@ -272,6 +276,19 @@ def _distill_lines(cfg: Config, lora: bool) -> list[str]:
           ["", "The pipeline's scheduler already is that `LCMScheduler` (its `original_inference_steps` = "
            f"{d.num_ddim_timesteps}, the grid it was distilled on)."]), "",
     ]
+
+
+def _demo_lines(folder: Path, name: str) -> list[str]:
+    """How to try the model in a browser: ldm's Gradio app, and the Space this folder can be."""
+    lines = ["## Try it in a browser", "",
+             f"ldm's web demo (`pip install -e '.[app]'` in ldm's repository): `python scripts/app.py --model {name}`, "
+             "then open http://127.0.0.1:7860. Every image downloads as a PNG carrying its prompt, seed and settings.",
+             ""]
+    if (folder / "app.py").is_file():
+        lines += ["This repository also holds that app (`app.py`, `requirements.txt`), serving the model beside it: "
+                  "push the folder as a Gradio Space, or run `pip install -r requirements.txt && python app.py` here.",
+                  ""]
+    return lines
 
 
 def _training_lines(cfg: Config) -> list[str]:

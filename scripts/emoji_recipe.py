@@ -25,13 +25,15 @@ from ldm.train import train
 def main() -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--seeds", type=int, default=4, help="probe seeds per caption")
+    parser.add_argument("--colour-repeats", type=int, default=8, help="when writing the data folder: rows per "
+                        "picture whose name starts with a colour word")
     args = parser.parse_args()
     cfg = load_config(args.config or "configs/emoji.yaml",
                       ["train.overwrite_output_dir=true", "autoencoder.overwrite_output_dir=true", *args.overrides])
     start = time.time()
     data = Path(cfg.data.dataset)
     if not (data / "emoji.json").is_file():
-        write_emoji_folder(data, DEFAULT_HOLDOUT)
+        write_emoji_folder(data, DEFAULT_HOLDOUT, colour_repeats=args.colour_repeats)
     train_autoencoder(cfg)
     pipe = load_pipeline(str(train(cfg)))
     s = cfg.sample

