@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
@@ -88,7 +89,11 @@ def _load(what: str, path: str, loader: Callable[[], T]) -> T:
     if is_local(path) and not Path(path).expanduser().exists():
         raise ConfigError(f"{what}: folder {path!r} does not exist (check the path in the config)")
     try:
-        return loader()
+        with warnings.catch_warnings():
+            # Diffusers still passes huggingface_hub's retired `local_dir_use_symlinks`; the notice is not the
+            # user's to act on.
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+            return loader()
     except (OSError, ValueError) as err:
         if is_local(path):
             raise ConfigError(f"{what}: could not load from folder {path!r}: {err}") from err

@@ -107,13 +107,14 @@ def test_missing_caption_column_lists_the_columns(write_imagefolder):
     assert "no column 'text'" in str(err.value) and "'caption', 'file_name', 'source'" in str(err.value)
 
 
-def test_uncached_hub_id_fails_with_one_clear_offline_message(monkeypatch):
+def test_uncached_hub_id_fails_with_one_clear_offline_message(monkeypatch, recwarn):
     from ldm.components import load_vae
     from ldm.config import VAEConfig
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError) as err:
         load_vae(VAEConfig(path="nobody-here/no-such-vae"))
+    assert not [w for w in recwarn if "local_dir_use_symlinks" in str(w.message)]  # one message, no notices
     text = str(err.value)
     assert "'nobody-here/no-such-vae'" in text and "HF_HUB_OFFLINE=1" in text and "local folder" in text
 
