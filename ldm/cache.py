@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from ldm.components import FrozenEncoders, encode_prompts, latent_distribution, resolve_path, tokenizer_subfolder
 from ldm.config import Config, ConfigError
-from ldm.data import SampleStream, flip_decision, prepare_image
-from ldm.sources import BadSample, record_after_audit
+from ldm.data import SampleStream, Size, flip_decision, prepare_image
+from ldm.sources import BadSample, caption_variants, record_after_audit
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U8": np.uint8}
 
@@ -113,7 +113,7 @@ class EncodedDataset:
     latents_store: ShardStore
     text_store: ShardStore
     latent_keys: list[list[str]]  # [index][flip] → key
-    caption_keys: list[str]  # [index] → key
+    caption_keys: dict[str, str]  # caption text (every alternative, and "") → key
     empty_key: str
     flip: bool
     seed: int
@@ -122,7 +122,7 @@ class EncodedDataset:
     substitutes: dict[int, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.caption_keys)
+        return len(self.latent_keys)
 
     def usable(self, index: int) -> int:
         return self.substitutes.get(index, index)
@@ -142,9 +142,10 @@ class EncodedDataset:
         keys = self._keys(indices, positions)
         return self.latents_store.get("mean", keys) + self.latents_store.get("std", keys) * eps
 
-    def embeds(self, indices: list[int], drop: torch.Tensor) -> torch.Tensor:
-        """prompt_embeds (B, L, D), the empty caption's where `drop` is set."""
-        keys = [self.empty_key if d else self.caption_keys[i] for i, d in zip(indices, drop.tolist())]
+    def embeds(self, captions: list[str], drop: torch.Tensor) -> torch.Tensor:
+        """prompt_embeds (B, L, D) of the captions as used (ldm.data.caption_for), the empty caption's where
+        `drop` is set."""
+        keys = [self.empty_key if d else self.caption_keys[c] for c, d in zip(captions, drop.tolist())]
         return self.text_store.get("prompt_embeds", keys)
 
 
@@ -152,13 +153,14 @@ class _Decoder:
     """Decodes the items a rank encodes; an item whose file went bad after the audit is left out and its key
     remembered in `bad-r<rank>.json` (content-addressed, so it stays true for every later run)."""
 
-    def __init__(self, stream: SampleStream, root: Path, rank: int):
-        self.stream, self.path = stream, root / f"bad-r{rank}.json"
+    def __init__(self, stream: SampleStream, root: Path, rank: int, sizes: Optional[list[Size]] = None):
+        self.stream, self.path, self.sizes = stream, root / f"bad-r{rank}.json", sizes
         self.bad: set[str] = set(json.loads(self.path.read_text())) if self.path.is_file() else set()
 
     def pixels(self, index: int, key: str, flip: bool) -> Optional[torch.Tensor]:
         try:
-            return prepare_image(self.stream.source.get(index)[0], self.stream.cfg, flip=flip)
+            return prepare_image(self.stream.source.get(index)[0], self.stream.cfg, flip=flip,
+                                 size=self.sizes[index] if self.sizes else None)
         except BadSample as bad:
             print(f"cache: {bad} (went bad after the audit); the next usable sample takes its place")
             record_after_audit(self.stream.audit_file, bad, "cache build")
@@ -179,7 +181,21 @@ def known_bad(root: Path) -> set[str]:
 def _encode_missing(decoder: _Decoder, mine: list[tuple[int, int]], latent_keys: list[list[str]], variants: tuple,
                     batch_size: int, shard_size: int, encode: Callable[[torch.Tensor], dict[str, torch.Tensor]],
                     write: Callable[[list[str], dict[str, torch.Tensor]], None], bar=None) -> None:
-    """Decode, encode and write this rank's missing items in shards of `shard_size`."""
+    """Decode, encode and write this rank's missing items in shards of `shard_size`; with buckets, one size at a
+    time (a shard holds tensors of one shape)."""
+    if decoder.sizes:
+        by_size: dict[Size, list[tuple[int, int]]] = {}
+        for item in mine:
+            by_size.setdefault(decoder.sizes[item[0]], []).append(item)
+        for size in sorted(by_size):
+            _encode_same_size(decoder, by_size[size], latent_keys, variants, batch_size, shard_size, encode, write, bar)
+        return
+    _encode_same_size(decoder, mine, latent_keys, variants, batch_size, shard_size, encode, write, bar)
+
+
+def _encode_same_size(decoder: _Decoder, mine: list[tuple[int, int]], latent_keys: list[list[str]], variants: tuple,
+                      batch_size: int, shard_size: int, encode: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+                      write: Callable[[list[str], dict[str, torch.Tensor]], None], bar=None) -> None:
     keys: list[str] = []
     parts: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(mine), batch_size):
@@ -228,10 +244,14 @@ def build_cache(stream: SampleStream, cache_dir: str | Path, get_vae: Callable, 
     text_dir = root / f"text-{text_fingerprint[:16]}"
     variants = (False, True) if cfg.random_flip else (False,)
     image_hash = [_fingerprint_or_none(stream, i) for i in range(stream.size)]
-    latent_keys = [[f"{h}:flip={int(f)}" for f in variants] for h in image_hash]
-    captions = [stream.source.caption(i) for i in range(stream.size)]
-    caption_key = {c: sha256(c.encode()) for c in set(captions) | {""}}
-    decoder = _Decoder(stream, root, rank)
+    # With buckets an image is cached at its bucket's size (the key names it, so a changed plan re-encodes
+    # exactly the images that moved); without, at data.resolution square, as the folder fingerprint says.
+    sizes = [stream.plan.sizes[b] for b in _bucket_of(stream)] if stream.plan is not None else None
+    where = [f":{w}x{h}" for w, h in sizes] if sizes else [""] * stream.size
+    latent_keys = [[f"{h}{where[i]}:flip={int(f)}" for f in variants] for i, h in enumerate(image_hash)]
+    captions = {c for i in range(stream.size) for c in caption_variants(stream.source.caption(i))}
+    caption_key = {c: sha256(c.encode()) for c in captions | {""}}
+    decoder = _Decoder(stream, root, rank, sizes)
     # 1. Latents this rank must encode. Ownership is fixed (item i belongs to rank i mod W), never a
     #    split of "what is missing", which would differ between ranks that look at different moments.
     have = ShardStore(latent_dir)
@@ -269,9 +289,18 @@ def build_cache(stream: SampleStream, cache_dir: str | Path, get_vae: Callable, 
     bad = known_bad(root)
     unusable = [i for i in range(stream.size) if image_hash[i] is None or any(k in bad for k in latent_keys[i])]
     return EncodedDataset(ShardStore(latent_dir), ShardStore(text_dir), latent_keys,
-                          [caption_key[c] for c in captions], caption_key[""], cfg.random_flip, stream.seed,
+                          caption_key, caption_key[""], cfg.random_flip, stream.seed,
                           ShardStore(sketch_dir) if sketch_dir is not None else None,
                           substitutes=_substitutes(unusable, stream.size))
+
+
+def _bucket_of(stream: SampleStream) -> list[int]:
+    """Each training index's bucket in the stream's plan."""
+    of = [0] * stream.size
+    for b, members in enumerate(stream.plan.members):
+        for i in members:
+            of[i] = b
+    return of
 
 
 def _fingerprint_or_none(stream: SampleStream, index: int) -> Optional[str]:

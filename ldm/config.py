@@ -83,6 +83,20 @@ class ModelConfig:
 
 
 @dataclass
+class BucketConfig:
+    """Aspect-ratio buckets: each image trains at the bucket of about resolution² pixels nearest its shape."""
+
+    enabled: bool = False
+    step: Optional[int] = None  # px between bucket sides; null: what the VAE and UNet divide (f · 2^(levels − 1))
+    min_side: Optional[int] = None  # px; null: resolution / 2
+    max_side: Optional[int] = None  # px; null: resolution · 2
+    max_aspect_ratio: float = 2.0  # longer / shorter side of the widest bucket
+    no_upscale: bool = False  # an image smaller than its bucket trains at its own size (rounded down to step)
+    # A bucket holding fewer images merges into its nearest neighbour (never dropped); null: one global batch.
+    min_images: Optional[int] = None
+
+
+@dataclass
 class ShapesConfig:
     num_images: int = 4096
     seed: int = 0
@@ -129,6 +143,10 @@ class DataConfig:
     min_image_size: Optional[int] = None  # shorter side in px below which an image is skipped; null: resolution / 4
     max_aspect_ratio: float = 4.0  # longer / shorter side above which an image is skipped
     max_bad_fraction: float = 0.05  # stop before training if more than this fraction is unusable
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    # Comma-separated tags shuffled on every use (kohya-ss's shuffle_caption), the first keep_tags in place.
+    shuffle_tags: bool = False
+    keep_tags: int = 0
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
@@ -554,6 +572,16 @@ def check_config(cfg: Config) -> None:
         _require(d.center_crop, "data.cache",
                  "caches each image once, so it cannot be combined with random crops "
                  "(set data.center_crop=true, or data.cache=false)")
+        _require(not d.shuffle_tags, "data.shuffle_tags", "makes a new caption on every use, which the text cache "
+                 "cannot hold: set data.shuffle_tags=false, or data.cache=false")
+    _require(d.keep_tags >= 0, "data.keep_tags", f"must be ≥ 0, got {d.keep_tags}")
+    b = d.buckets
+    for key, val in (("step", b.step), ("min_side", b.min_side), ("max_side", b.max_side),
+                     ("min_images", b.min_images)):
+        _require(val is None or val > 0, f"data.buckets.{key}", f"must be a positive integer or null, got {val}")
+    _require(b.max_aspect_ratio >= 1.0, "data.buckets.max_aspect_ratio", f"must be ≥ 1, got {b.max_aspect_ratio}")
+    if b.min_side is not None and b.max_side is not None:
+        _require(b.min_side <= b.max_side, "data.buckets.min_side", f"{b.min_side} exceeds max_side {b.max_side}")
     for i, ch in enumerate(a.block_out_channels):
         _require(ch > 0 and ch % a.norm_num_groups == 0, f"autoencoder.block_out_channels[{i}]",
                  f"{ch} must be a positive multiple of autoencoder.norm_num_groups ({a.norm_num_groups})")

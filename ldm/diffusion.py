@@ -20,6 +20,8 @@ _MASK64 = (1 << 64) - 1
 DRAW_STREAM = 0  # noise, timestep, caption dropout, latent sample (draw_samples)
 AUGMENT_STREAM = 1  # crop / flip of the picture (ldm.data)
 VALIDATION_STREAM = 2  # the fixed draws of the validation loss
+CAPTION_STREAM = 3  # which caption of a list, and the tag order (ldm.data.caption_for)
+BUCKET_STREAM = 4  # the order of the buckets' batches in an epoch (ldm.data.BucketPlan)
 SKETCH_STREAM, STYLE_STREAM = 11, 12  # condition dropout of sketch / style runs
 
 

@@ -100,7 +100,7 @@ class ConsistencyDistillation(Trainable):
         """The empty prompt's embeddings for the teacher's unconditional pass."""
         n = len(batch["position"])
         if encoded is not None:
-            return {"uncond": encoded.embeds(batch["index"], torch.ones(n, dtype=torch.bool)).to(device)}
+            return {"uncond": encoded.embeds(batch["caption"], torch.ones(n, dtype=torch.bool)).to(device)}
         if self._empty is None:
             from ldm.components import encode_prompts
 

@@ -291,11 +291,19 @@ def _demo_lines(folder: Path, name: str) -> list[str]:
     return lines
 
 
+def _bucket_line(cfg: Config) -> str:
+    b, res = cfg.data.buckets, cfg.data.resolution
+    return (f"- aspect-ratio buckets of about {res}×{res} px each (sides {b.min_side or res // 2}–"
+            f"{b.max_side or 2 * res} px, aspect ratio up to {b.max_aspect_ratio:g}): pass `height=` and `width=` "
+            "(multiples of 8) to generate portrait or landscape pictures")
+
+
 def _training_lines(cfg: Config) -> list[str]:
     t, te = cfg.train, cfg.model.text_encoder
     return [
         "## Training", "",
         f"- data: `{cfg.data.dataset}` at {cfg.data.resolution} px, caption dropout {cfg.data.caption_dropout}",
+        *([_bucket_line(cfg)] if cfg.data.buckets.enabled else []),
         f"- {t.max_steps} optimizer steps, batch {t.batch_size} per process × {t.gradient_accumulation_steps} "
         f"accumulation, AdamW lr {t.lr} ({t.lr_scheduler}, {t.lr_warmup_steps} warm-up steps)",
         f"- text encoder: {te.train}"

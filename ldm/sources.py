@@ -25,17 +25,19 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ldm.config import ConfigError, DataConfig
 
+Caption = Union[str, tuple[str, ...]]  # a tuple: alternatives, one chosen per use (ldm.data.caption_for)
+
 
 class Source(Protocol):
     def __len__(self) -> int: ...
-    def get(self, index: int) -> tuple[Image.Image, str]: ...
-    def caption(self, index: int) -> str: ...  # without decoding the image
+    def get(self, index: int) -> tuple[Image.Image, Caption]: ...
+    def caption(self, index: int) -> Caption: ...  # without decoding the image
     def fingerprint(self, index: int) -> str: ...  # sha256 of the image's bytes
 
 
@@ -89,18 +91,33 @@ def decode_image(data: bytes | Path, name: str, notes: Optional[list[str]] = Non
 _INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"  # zero-width characters and BOMs that str.strip keeps
 
 
-def normalise_caption(caption: object, name: str, notes: list[str]) -> str:
+def normalise_caption(caption: object, name: str, notes: list[str]) -> Caption:
+    """A usable caption (stripped text), or a tuple of them when the column holds a list of alternatives."""
+    if isinstance(caption, BadSample):  # found unusable while reading (e.g. a caption file that is not UTF-8)
+        raise caption
+    if isinstance(caption, (list, tuple)):
+        entries = [c for c in caption if isinstance(c, str) and c.strip(" \t\n\r" + _INVISIBLE)]
+        if not entries:
+            raise BadSample("caption list has no usable entry", name, repr(caption)[:60])
+        if len(entries) < len(caption):
+            notes.append("caption list: unusable entries dropped")
+        texts = tuple(dict.fromkeys(_caption_text(c, name) for c in entries))
+        if len(texts) == 1:
+            return texts[0]
+        notes.append("caption list: one entry chosen per use")
+        return texts
     if caption is None:
         raise BadSample("missing caption", name)
     if not isinstance(caption, str):
-        if isinstance(caption, (list, tuple)) and caption and all(isinstance(c, str) for c in caption):
-            notes.append("caption list: first entry used")
-            caption = caption[0]
-        elif isinstance(caption, (int, float, bool)):
+        if isinstance(caption, (int, float, bool)):
             notes.append("non-string caption converted to text")
             caption = str(caption)
         else:
             raise BadSample("unusable caption type", name, type(caption).__name__)
+    return _caption_text(caption, name)
+
+
+def _caption_text(caption: str, name: str) -> str:
     try:
         caption.encode("utf-8")
     except UnicodeEncodeError as err:
@@ -110,6 +127,11 @@ def normalise_caption(caption: object, name: str, notes: list[str]) -> str:
     if not any(unicodedata.category(ch)[0] not in "CZ" for ch in caption):
         raise BadSample("caption has no visible characters", name, repr(caption)[:60])
     return caption.strip().strip(_INVISIBLE).strip()
+
+
+def caption_variants(caption: Caption) -> tuple[str, ...]:
+    """Every text a caption can be used as (one, or each alternative of a list)."""
+    return caption if isinstance(caption, tuple) else (caption,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,11 +152,11 @@ class ShapesSource:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def get(self, index: int) -> tuple[Image.Image, str]:
+    def get(self, index: int) -> tuple[Image.Image, Caption]:
         item = self.dataset[index]
         return item["image"], item["text"]
 
-    def caption(self, index: int) -> str:
+    def caption(self, index: int) -> Caption:
         return self.dataset.caption(index)
 
     def reference(self, index: int) -> Image.Image:
@@ -197,10 +219,10 @@ class FolderSource:
         except OSError as err:
             raise BadSample("unreadable file", self.name(index), err.strerror or "") from err
 
-    def caption(self, index: int) -> str:
+    def caption(self, index: int) -> Caption:
         return normalise_caption(self.rows[index].caption, self.name(index), [])
 
-    def get(self, index: int, notes: Optional[list[str]] = None) -> tuple[Image.Image, str]:
+    def get(self, index: int, notes: Optional[list[str]] = None) -> tuple[Image.Image, Caption]:
         notes = notes if notes is not None else []
         path = self.resolve(index)
         caption = normalise_caption(self.rows[index].caption, str(self.rows[index].file_name), notes)
@@ -230,10 +252,14 @@ def _read_metadata(folder: Path, caption_column: str, encoding: str = "utf-8") -
         raise ConfigError(f"data.dataset: {folder} holds both metadata.jsonl and metadata.csv; keep one (ldm, like "
                           "the Hugging Face imagefolder loader, would read only one and ignore the other)")
     if not jsonl.is_file() and not csv_file.is_file():
-        raise ConfigError(
-            f"data.dataset: folder {str(folder)!r} has no metadata.jsonl or metadata.csv; add one with a "
-            "'file_name' column and a caption column (see README, 'Your own images')"
-        )
+        rows, unreadable = _read_caption_files(folder)
+        if not rows:
+            raise ConfigError(
+                f"data.dataset: folder {str(folder)!r} has no metadata.jsonl or metadata.csv and no caption files; "
+                "add a metadata file with a 'file_name' column and a caption column, or a same-named .txt (or "
+                ".caption) beside each image (see README, 'Your own images')"
+            )
+        return rows, unreadable
     meta = jsonl if jsonl.is_file() else csv_file
     text = _metadata_text(meta, encoding)
     columns: set[str] = set()
@@ -279,6 +305,32 @@ def _read_metadata(folder: Path, caption_column: str, encoding: str = "utf-8") -
 
 
 _EXTRA = "\0extra fields"
+CAPTION_SUFFIXES = (".txt", ".caption")  # kohya-ss's convention: the caption file beside its image
+
+
+def _read_caption_files(folder: Path) -> tuple[list[FolderRow], list]:
+    """Rows of a folder captioned by side files: every image (any depth, sorted by path) with the text of the
+    same-named .txt or .caption. Each non-empty line of that file is one caption (several lines: alternatives,
+    one chosen per use). An image without one is counted as missing its caption, never silently dropped."""
+    extensions = set(Image.registered_extensions())
+    rows: list[FolderRow] = []
+    unreadable: list[tuple[int, str]] = []
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in extensions and p.is_file())
+    if not any(p.with_suffix(s).is_file() for p in images for s in CAPTION_SUFFIXES):
+        return [], []
+    for n, path in enumerate(images, start=1):
+        name = path.relative_to(folder).as_posix()
+        side = next((path.with_suffix(s) for s in CAPTION_SUFFIXES if path.with_suffix(s).is_file()), None)
+        caption: object = None
+        if side is not None:
+            try:
+                lines = [ln.strip() for ln in side.read_bytes().decode("utf-8-sig").splitlines() if ln.strip()]
+            except UnicodeDecodeError:
+                caption = BadSample("caption file is not UTF-8 text", name, side.name)
+            else:
+                caption = lines[0] if len(lines) == 1 else (lines or "")
+        rows.append(FolderRow(name, caption, n))
+    return rows, unreadable
 
 
 class HubSource:
@@ -293,33 +345,114 @@ class HubSource:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def name(self, index: int) -> str:
-        ref = self.dataset[index][self.image_column] or {}
-        return ref.get("path") or f"{self.origin}[{index}]"
+    def _ref(self, row: dict) -> dict:
+        """The image's {bytes, path} reference in a row ({} when missing)."""
+        return row[self.image_column] or {}
 
-    def caption(self, index: int) -> str:
-        return normalise_caption(self.dataset[index][self.caption_column], self.name(index), [])
+    def _raw_caption(self, row: dict) -> object:
+        return row[self.caption_column]
+
+    def name(self, index: int) -> str:
+        return self._ref(self.dataset[index]).get("path") or f"{self.origin}[{index}]"
+
+    def caption(self, index: int) -> Caption:
+        return normalise_caption(self._raw_caption(self.dataset[index]), self.name(index), [])
 
     def fingerprint(self, index: int) -> str:
-        ref = self.dataset[index][self.image_column] or {}
+        ref = self._ref(self.dataset[index])
         data = ref.get("bytes") or (Path(ref["path"]).read_bytes() if ref.get("path") else b"")
         return hashlib.sha256(data).hexdigest()
 
-    def get(self, index: int, notes: Optional[list[str]] = None) -> tuple[Image.Image, str]:
+    def get(self, index: int, notes: Optional[list[str]] = None) -> tuple[Image.Image, Caption]:
         notes = notes if notes is not None else []
         row = self.dataset[index]
-        ref, name = row[self.image_column] or {}, self.name(index)
+        ref, name = self._ref(row), self.name(index)
         data = ref.get("bytes") or (Path(ref["path"]) if ref.get("path") else None)
         if data is None:
             raise BadSample("missing image", name)
-        caption = normalise_caption(row[self.caption_column], name, notes)
+        caption = normalise_caption(self._raw_caption(row), name, notes)
         return decode_image(data, name, notes), caption
+
+
+SHARD_BUILDERS = {".tar": "webdataset", ".parquet": "parquet"}  # file suffix → the datasets builder that reads it
+
+
+def shard_files(dataset: str) -> Optional[tuple[str, list[str] | str]]:
+    """(builder, data_files) when `dataset` names shards: a local folder holding *.tar or *.parquet files (and
+    no metadata file), or a path, glob or fsspec URL (hf://, s3://, https://…) ending in .tar or .parquet."""
+    folder = Path(dataset).expanduser()
+    if folder.is_dir():
+        if (folder / "metadata.jsonl").is_file() or (folder / "metadata.csv").is_file():
+            return None
+        for suffix, builder in SHARD_BUILDERS.items():
+            files = sorted(str(p) for p in folder.glob(f"*{suffix}"))
+            if files:
+                return builder, files
+        return None
+    for suffix, builder in SHARD_BUILDERS.items():
+        if dataset.endswith(suffix):
+            return builder, dataset
+    return None
+
+
+class ShardSource(HubSource):
+    """Webdataset tars or parquet files (ldm.shards writes both), read map-style by the `datasets` library: one
+    Arrow table, memory-mapped, so index i is the same sample on every rank and after a resume. The image is
+    whichever image column a row fills (webdataset names a column per file extension); the caption is the
+    `txt` member (webdataset) or data.caption_column (parquet), one line per alternative, like a caption file."""
+
+    def __init__(self, dataset, caption_column: str, origin: str):
+        from datasets import Image as ImageFeature
+
+        self.image_columns = [c for c, f in dataset.features.items() if isinstance(f, ImageFeature)]
+        if not self.image_columns:
+            raise ConfigError(f"data.dataset: the shards of {origin!r} hold no image files (columns "
+                              f"{', '.join(dataset.column_names)}); write them with scripts/make_shards.py")
+        caption_column = next((c for c in (caption_column, "txt", "text") if c in dataset.column_names),
+                              caption_column)
+        if caption_column not in dataset.column_names:
+            raise ConfigError(f"config key 'data.caption_column': the shards of {origin!r} have no column "
+                              f"{caption_column!r} (nor a .txt member); columns: {', '.join(dataset.column_names)}")
+        for column in self.image_columns:
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))
+        self.dataset, self.caption_column, self.origin = dataset, caption_column, origin
+        self.image_column = self.image_columns[0]
+
+    def _ref(self, row: dict) -> dict:
+        return next((row[c] for c in self.image_columns if row[c]), {})
+
+    def _raw_caption(self, row: dict) -> object:
+        text = row[self.caption_column]
+        if isinstance(text, str) and "\n" in text.strip():
+            return [line for line in text.splitlines() if line.strip()]
+        return text
+
+    def name(self, index: int) -> str:
+        row = self.dataset[index]
+        key = row.get("__key__") or str(index)
+        return f"{Path(row['__url__']).name}:{key}" if row.get("__url__") else f"{self.origin}[{key}]"
+
+
+def open_shards(cfg: DataConfig, builder: str, files: list[str] | str) -> ShardSource:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(builder, data_files={"train": files}, split="train")
+    except Exception as err:
+        raise ConfigError(
+            f"data.dataset: could not read the {builder} shards {cfg.dataset!r} ({type(err).__name__}: {err})"[:400]
+            + "; check the path or URL (remote URLs need the network and, for s3:// or gs://, the fsspec package "
+            "for that store)") from err
+    return ShardSource(dataset, cfg.caption_column, cfg.dataset)
 
 
 def open_source(cfg: DataConfig) -> Source:
     """The configured dataset, with its columns checked before any model is built."""
     if cfg.dataset == "shapes":
         return ShapesSource(cfg)
+    shards = shard_files(cfg.dataset)
+    if shards is not None:
+        return open_shards(cfg, *shards)
     folder = Path(cfg.dataset).expanduser()
     if folder.is_dir():
         return FolderSource(folder, cfg.caption_column, cfg.metadata_encoding)
@@ -354,6 +487,7 @@ class DataReport:
     skipped: Counter = field(default_factory=Counter)
     converted: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each kept image, upright
 
     def note(self, kind: str, name: str, counter: Counter) -> None:
         counter[kind] += 1
@@ -425,11 +559,13 @@ def audit(source: Source, cfg: DataConfig, tokenizer=None) -> DataReport:
         except BadSample as bad:
             report.note(bad.reason, bad.name, report.skipped)
             continue
-        if limit is not None and len(tokenizer(caption, truncation=False).input_ids) > limit:
+        if limit is not None and any(len(tokenizer(c, truncation=False).input_ids) > limit
+                                     for c in caption_variants(caption)):
             notes.append(f"caption longer than {limit} tokens: truncated")
         for kind in notes:
             report.note(kind, source.name(index), report.converted)
         report.kept.append(index)
+        report.sizes.append((w, h))
     if report.bad_fraction > cfg.max_bad_fraction or not report.kept:
         offenders = [n for kind in report.skipped for n in report.examples[kind]]
         raise ConfigError(
@@ -449,14 +585,18 @@ class AuditedSource:
     def __len__(self) -> int:
         return len(self.kept)
 
-    def get(self, index: int) -> tuple[Image.Image, str]:
+    def get(self, index: int) -> tuple[Image.Image, Caption]:
         return self.source.get(self.kept[index])
 
-    def caption(self, index: int) -> str:
+    def caption(self, index: int) -> Caption:
         return self.source.caption(self.kept[index])
 
     def fingerprint(self, index: int) -> str:
         return self.source.fingerprint(self.kept[index])
+
+    def size(self, index: int) -> tuple[int, int]:
+        """(width, height) as the audit decoded it (after EXIF rotation): bucketing reads no image again."""
+        return self.report.sizes[index]
 
 
 def open_audited(cfg: DataConfig, tokenizer=None, accelerator=None) -> Source:

@@ -49,7 +49,7 @@ from ldm.components import (
     unet_flops_per_image,
     unet_kwargs,
 )
-from ldm.config import Config, ConfigError, UserError, save_config
+from ldm.config import Config, ConfigError, UserError, downsampling_factor, save_config
 from ldm.data import SampleStream, StreamBatches
 from ldm.diffusion import SampleDraws, draw_samples
 from ldm.hub import BackgroundPublisher, publish, write_model_card
@@ -108,7 +108,7 @@ def encode_batch(batch, draws: SampleDraws, encoded: Optional[EncodedDataset], f
     cache or the frozen encoders. prompt_embeds is None when the text encoder trains (the step encodes)."""
     if encoded is not None:
         latents = encoded.latents(batch["index"], batch["position"], draws.latent_eps).to(device)
-        return latents, None if text_trains else encoded.embeds(batch["index"], draws.drop_caption).to(device)
+        return latents, None if text_trains else encoded.embeds(batch["caption"], draws.drop_caption).to(device)
     vae = frozen.vae
     mean, std = latent_distribution(vae, batch["pixel_values"])
     latents = mean + std * draws.latent_eps.to(mean.device)
@@ -123,7 +123,8 @@ def iterate_batches(stream: SampleStream, sampler: StreamBatches, encoded: Optio
     if encoded is not None:
         for positions in sampler:
             indices = [encoded.usable(stream.index_of(p)) for p in positions]
-            yield {"position": positions, "index": indices, "caption": [stream.source.caption(i) for i in indices]}
+            yield {"position": positions, "index": indices,
+                   "caption": [stream.caption_at(i, p) for i, p in zip(indices, positions)]}
         return
     # Its own generator: starting the iterator then draws no number from the global stream, so a resumed
     # run's dropout (a trained text encoder's) continues exactly where the checkpoint left it.
@@ -131,6 +132,28 @@ def iterate_batches(stream: SampleStream, sampler: StreamBatches, encoded: Optio
                                          pin_memory=pin_memory, persistent_workers=num_workers > 0,
                                          generator=torch.Generator().manual_seed(stream.seed))
     yield from loader
+
+
+def plan_buckets(stream: SampleStream, cfg: Config, vae_downsample: int, global_micro_batch: int, out: Path,
+                 main: bool, log: Callable[[str], None]) -> None:
+    """Aspect-ratio buckets for the run (data.buckets), in steps the VAE and every UNet level divide; the
+    histogram (and what merged where) goes into data_audit.json and the log."""
+    unit = vae_downsample * downsampling_factor(cfg.model.unet.block_out_channels)
+    step = cfg.data.buckets.step or unit
+    if step % unit:
+        raise ConfigError(f"config key 'data.buckets.step': {step} px is not a multiple of {unit} px (the VAE "
+                          f"downsamples by {vae_downsample} and the UNet halves the latents "
+                          f"{len(cfg.model.unet.block_out_channels) - 1} times); use {unit} or a multiple")
+    plan = stream.plan_buckets(global_micro_batch, step)
+    log(f"aspect-ratio buckets ({len(plan.sizes)} in use, {plan.batches_per_epoch} batches of {plan.batch} an "
+        f"epoch): " + ", ".join(f"{k} × {n}" for k, n in plan.histogram().items())
+        + "".join(f"; {a} merged into {b}" for a, b in plan.merged.items()))
+    audit_file = out / "data_audit.json"
+    if main:
+        report = json.loads(audit_file.read_text()) if audit_file.is_file() else {}
+        report["buckets"] = {"histogram": plan.histogram(), "merged": plan.merged, "step": step,
+                             "global_micro_batch": plan.batch, "batches_per_epoch": plan.batches_per_epoch}
+        audit_file.write_text(json.dumps(report, indent=1))
 
 
 def _record(path: Path, step: int, batch: dict) -> None:
@@ -231,6 +254,9 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
         raise ConfigError(f"config key 'data.validation_images': {n_val} leaves nothing to train on "
                           f"({stream.size} samples); use fewer")
     stream.size -= n_val  # the last n_val samples never enter the training stream
+    if cfg.data.buckets.enabled:
+        plan_buckets(stream, cfg, vae_info.downsample, t.batch_size * accelerator.num_processes, out, main,
+                     accelerator.print)
     val_set: list = []  # the held-back samples, encoded at the first validation
     # 4. Components. Frozen encoders load on first use (the VAE in its configured dtype, fp32 by default).
     #    What trains is picked once, from the table in ldm.trainable; nothing below asks which it is.
@@ -297,8 +323,11 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
     k_accum = t.gradient_accumulation_steps
     sampler = StreamBatches(t.batch_size, start_micro, t.max_steps * k_accum, accelerator.process_index,
                             accelerator.num_processes)
-    latent_shape = (vae_info.latent_channels, cfg.data.resolution // vae_info.downsample,
-                    cfg.data.resolution // vae_info.downsample)
+
+    def latent_shape(positions) -> tuple[int, int, int]:  # (C, h, w) of a micro-batch (one bucket, or square)
+        width, height = stream.size_at(int(positions[0]))
+        return vae_info.latent_channels, height // vae_info.downsample, width // vae_info.downsample
+
     global_batch = t.batch_size * accelerator.num_processes * k_accum
     running, window_start, window_steps, bad_streak = torch.zeros((), device=device), time.time(), 0, 0
     publisher = BackgroundPublisher(cfg.hub.repo_id, cfg.hub.private, cfg.hub.retries, accelerator.print) \
@@ -309,8 +338,8 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
     trainable.set_training(True)
     loop_start, first_step = time.time(), step
     for batch in iterate_batches(stream, sampler, encoded, cfg.data.num_workers, device.type == "cuda"):
-        draws = draw_samples(t.seed, batch["position"], latent_shape, cfg.model.scheduler.num_train_timesteps,
-                             cfg.data.caption_dropout)
+        draws = draw_samples(t.seed, batch["position"], latent_shape(batch["position"]),
+                             cfg.model.scheduler.num_train_timesteps, cfg.data.caption_dropout)
         if cfg.data.latent_sample == "mean":
             draws.latent_eps.zero_()  # z = mean + std · 0
         latents, prompt_embeds = encode_batch(batch, draws, encoded, frozen, device, text_model is not None)

@@ -71,6 +71,14 @@ def validate(cfg: Config, step: int, frozen: FrozenEncoders, trainable: Trainabl
     images = lead + [r.image for r in results]
     path = save_png(make_grid(images), out / "validation" / f"step_{step:06d}.png",
                     {"step": step, "prompts": list(s.prompts), "seed": s.seed, "sampler": s.sampler})
+    # Aspect-ratio buckets: the same prompts at the two most populated non-square bucket sizes as well.
+    for width, height in validation_sizes(stream):
+        shaped = generate(pipe, s.prompts, negative_prompt=s.negative_prompt, guidance_scale=s.guidance_scale,
+                          num_inference_steps=s.num_inference_steps, sampler=s.sampler, seed=s.seed,
+                          height=height, width=width, num_images_per_prompt=s.num_images_per_prompt,
+                          batch_size=s.batch_size, device=accelerator.device, **condition)
+        save_png(make_grid([r.image for r in shaped]), out / "validation" / f"step_{step:06d}_{width}x{height}.png",
+                 {"step": step, "prompts": list(s.prompts), "seed": s.seed, "size": [width, height]})
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np
@@ -78,6 +86,15 @@ def validate(cfg: Config, step: int, frozen: FrozenEncoders, trainable: Trainabl
             tracker.log_images({"validation": np.stack([np.asarray(i) for i in images])}, step=step,
                                dataformats="NHWC")
     return path
+
+
+def validation_sizes(stream: SampleStream, count: int = 2) -> list[tuple[int, int]]:
+    """The `count` most populated non-square bucket sizes (width, height) a pipeline can generate at (Diffusers
+    asks for multiples of 8 px); none without buckets."""
+    if stream.plan is None:
+        return []
+    by_count = sorted(zip(stream.plan.members, stream.plan.sizes), key=lambda m: (-len(m[0]), m[1]))
+    return [size for _, size in by_count if size[0] != size[1] and size[0] % 8 == 0 and size[1] % 8 == 0][:count]
 
 
 def log_validation_loss(cfg: Config, step: int, stream: SampleStream, val_set: list, frozen: FrozenEncoders,
@@ -93,7 +110,8 @@ def log_validation_loss(cfg: Config, step: int, stream: SampleStream, val_set: l
         indices, items = [], []
         for i in range(stream.size, stream.size + n):
             try:
-                items.append(stream.source.get(i))
+                image, caption = stream.source.get(i)
+                items.append((image, stream.caption_at(i, None, caption)))  # a caption list: its first entry
                 indices.append(i)
             except BadSample as bad:  # went bad after the audit: validate on the others
                 accelerator.print(f"validation: skipping held-back sample {bad}")

@@ -5,6 +5,8 @@ data.cache is on; run it ahead, e.g. once per machine, or under accelerate launc
     accelerate launch --multi_gpu --num_processes 8 scripts/cache_dataset.py --config configs/sd15-512.yaml
 """
 
+from pathlib import Path
+
 from accelerate import PartialState
 
 from ldm.cache import build_cache, cache_fingerprints
@@ -13,14 +15,19 @@ from ldm.components import FrozenEncoders, check_components, load_tokenizer
 from ldm.config import load_config
 from ldm.data import SampleStream
 from ldm.sources import open_audited
+from ldm.train import plan_buckets
 
 
 def main() -> None:
     args = argument_parser(__doc__).parse_args()
     cfg = load_config(args.config, args.overrides)
-    check_components(cfg)  # (also points model.* at the pipeline of model.pretrained)
+    vae_info, _ = check_components(cfg)  # (also points model.* at the pipeline of model.pretrained)
     state = PartialState()
     stream = SampleStream(open_audited(cfg.data, load_tokenizer(cfg.model.text_encoder)), cfg.data, cfg.train.seed)
+    stream.size -= min(cfg.data.validation_images, stream.size - 1)  # as training holds them back
+    if cfg.data.buckets.enabled:  # latents at each image's bucket size, the plan training will make
+        plan_buckets(stream, cfg, vae_info.downsample, cfg.train.batch_size * state.num_processes,
+                     Path(cfg.train.output_dir), False, print)
     frozen = FrozenEncoders(cfg.model, state.device)
     encoded = build_cache(stream, cfg.data.cache_dir, lambda: frozen.vae, lambda: frozen.text,
                           *cache_fingerprints(cfg, frozen), state.process_index, state.num_processes,

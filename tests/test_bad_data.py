@@ -97,7 +97,7 @@ def _plant(folder: Path, outside: Path) -> tuple[list[dict], dict, dict]:
     convert(["animated image: first frame used", "image mode P converted to RGB"], "anim.gif")
     # --- converted: captions
     convert(["non-string caption converted to text"], "good_6.png", caption=7)
-    convert(["caption list: first entry used"], "good_7.png", caption=["a blue square", "a square"])
+    convert(["caption list: one entry chosen per use"], "good_7.png", caption=["a blue square", "a square"])
     convert(["caption longer than 12 tokens: truncated"], "good_8.png",
             caption="a very long caption " * 10)
     return rows, skipped, converted
