@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -207,6 +208,36 @@ def test_two_processes_match_one_process_at_twice_the_batch(tiny, tmp_path):
     for step in (1, 2, 3):
         assert set(r0[step][0]).isdisjoint(r1[step][0])  # ranks see different samples (so draw different noise)
         assert r0[step][0] + r1[step][0] == one[step][0]  # together: the 1-process batch, in order
+
+
+@pytest.mark.slow
+def test_two_machines_on_loopback_match_one_process(tiny, tmp_path):
+    """--num_machines 2 (one process each, rendezvous on 127.0.0.1), as on a real cluster: same weights and
+    same samples as one process at the same global batch."""
+    from ldm.train import train
+
+    common = tiny_overrides(tiny, tmp_path) + ["train.max_steps=3", "train.checkpoint_every=3",
+                                               "train.adam_epsilon=1e-4", "train.record_samples=true"]
+    config = write_config(tmp_path / "nodes.yaml", common + [f"train.output_dir={tmp_path / 'nodes'}",
+                                                             "train.batch_size=2"])
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+                               "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+                               "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+                               "scripts/train_text2img.py", "--config", str(config)],
+                              cwd=ROOT, env={**_env(), "ACCELERATE_USE_CPU": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    logs = [proc.communicate(timeout=400)[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), logs[0][-2000:] + logs[1][-2000:]
+    assert all("final weights agree on 2 process(es)" in log for log in logs)
+    train(load_config(None, common + [f"train.output_dir={tmp_path / 'one'}", "train.batch_size=4"]),
+          show_progress=False)
+    a, b = (tmp_path / n / "checkpoints" / "step_000003" / "unet.safetensors" for n in ("nodes", "one"))
+    assert _max_diff(load_file(str(a)), load_file(str(b))) <= 1e-6
+    r0, r1, one = _samples(tmp_path / "nodes", 0), _samples(tmp_path / "nodes", 1), _samples(tmp_path / "one")
+    assert all(r0[step][0] + r1[step][0] == one[step][0] for step in (1, 2, 3))
 
 
 def test_nonfinite_loss_is_skipped_then_stops(tiny, tmp_path, monkeypatch, capsys, recwarn):
