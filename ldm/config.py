@@ -144,6 +144,9 @@ class DataConfig:
     max_aspect_ratio: float = 4.0  # longer / shorter side above which an image is skipped
     max_bad_fraction: float = 0.05  # stop before training if more than this fraction is unusable
     buckets: BucketConfig = field(default_factory=BucketConfig)
+    # Shards larger than local disk: stream them, each process (each machine) reading only its own shards.
+    streaming: bool = False
+    shuffle_buffer: int = 1000  # samples in the streaming shuffle buffer (shard order shuffled too); 0: in order
     # Comma-separated tags shuffled on every use (kohya-ss's shuffle_caption), the first keep_tags in place.
     shuffle_tags: bool = False
     keep_tags: int = 0
@@ -575,6 +578,14 @@ def check_config(cfg: Config) -> None:
         _require(not d.shuffle_tags, "data.shuffle_tags", "makes a new caption on every use, which the text cache "
                  "cannot hold: set data.shuffle_tags=false, or data.cache=false")
     _require(d.keep_tags >= 0, "data.keep_tags", f"must be ≥ 0, got {d.keep_tags}")
+    _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be ≥ 0, got {d.shuffle_buffer}")
+    if d.streaming:
+        for key, ok, why in (("data.cache", not d.cache, "the cache indexes every sample"),
+                             ("data.buckets.enabled", not d.buckets.enabled, "the bucket plan needs every image size"),
+                             ("data.validation_images", d.validation_images == 0, "held-back samples need an index"),
+                             ("conditioning.type", cfg.conditioning.type == "text", "conditions index their samples")):
+            _require(ok, key, f"cannot be combined with data.streaming ({why}): use the map-style shards "
+                     "(data.streaming=false), which read the same shards with random access")
     b = d.buckets
     for key, val in (("step", b.step), ("min_side", b.min_side), ("max_side", b.max_side),
                      ("min_images", b.min_images)):

@@ -10,12 +10,15 @@ to the same weights, and cached latents (keyed by the image's bytes) are shared 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal, Optional
+
+import torch
 
 from ldm.config import ConfigError
 from ldm.sources import BadSample, FolderSource, caption_variants
@@ -111,3 +114,125 @@ def _write_parquet(path: Path, rows: list[tuple[str, str, bytes, str]]) -> None:
         table.to_parquet(str(path))
     finally:
         datasets.enable_progress_bars()
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming: each process reads only its own shards
+# --------------------------------------------------------------------------------------------
+
+
+class StreamingShards:
+    """Shards read as a stream (data.streaming): `datasets` streams them and `split_dataset_by_node` gives each
+    process whole shards of its own when the shard count divides by the process count (otherwise every process
+    reads every shard and keeps every W-th sample). Each process's sample order is fixed by (seed, epoch): the
+    shard order and a `data.shuffle_buffer` window are shuffled by `IterableDataset.shuffle(seed)`. With a
+    shuffle the shards are dealt anew each epoch (the same deal on every process, so still disjoint within the
+    epoch); with `data.shuffle_buffer=0` each process keeps the same shards for the whole run.
+
+    What holds: the draws (noise, timestep, dropout) are still keyed by the global stream position; a resumed
+    run is exact, because each process replays its stream and discards what it had consumed (cost: reading up
+    to that point again); a run on another process count reads other samples and is refused on resume.
+    What does not: 2 processes ≢ 1 process (each reads other shards), and there is no audit before training:
+    a sample that does not decode is skipped when met and counted in data_audit.json."""
+
+    plan = None  # no buckets: the plan needs every image's size up front
+
+    def __init__(self, cfg, seed: int, rank: int = 0, world_size: int = 1):
+        from datasets import load_dataset
+        from datasets.distributed import split_dataset_by_node
+
+        from ldm.sources import ShardSource, shard_files
+
+        found = shard_files(cfg.dataset)
+        if found is None:
+            raise ConfigError(f"data.streaming: {cfg.dataset!r} is not a folder, glob or URL of .tar or .parquet "
+                              "shards (write them with scripts/make_shards.py)")
+        builder, files = found
+        try:
+            dataset = load_dataset(builder, data_files={"train": files}, split="train", streaming=True)
+        except Exception as err:
+            raise ConfigError(f"data.dataset: could not stream the {builder} shards {cfg.dataset!r} "
+                              f"({type(err).__name__}: {err})"[:400]) from err
+        self.cfg, self.seed, self.rank, self.world = cfg, seed, rank, world_size
+        from datasets import Image as ImageFeature
+
+        image_columns = [c for c, f in (dataset.features or {}).items() if isinstance(f, ImageFeature)]
+        for column in image_columns:  # bytes, decoded here: a bad one is counted, not fatal
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))
+        self.num_shards = dataset.num_shards
+        self.own_shards = self.num_shards % world_size == 0
+        self.dataset = split_dataset_by_node(dataset, rank, world_size)
+        self.reader = ShardSource.__new__(ShardSource)  # its row → image / caption rules, without a table
+        self.reader.image_columns = image_columns
+        self.reader.caption_column = "txt" if builder == "webdataset" else cfg.caption_column
+        self.reader.origin = cfg.dataset
+        self.source = self  # train() asks stream.source for an audit report; there is none before training
+        self.audit_file: Optional[Path] = None
+        self.size = 1 << 62  # endless: epochs are each process's passes over its shards
+        self.skipped = 0
+
+    def describe(self) -> str:
+        how = (f"{self.num_shards // self.world} of {self.num_shards} shards per process" if self.own_shards else
+               f"{self.num_shards} shards do not divide among {self.world} processes: each reads all of them and "
+               f"keeps every {self.world}-th sample")
+        return f"streaming {self.cfg.dataset} ({how}, shuffle buffer {self.cfg.shuffle_buffer})"
+
+    def size_at(self, position: int) -> tuple[int, int]:
+        return self.cfg.resolution, self.cfg.resolution
+
+    def _rows(self) -> Iterator[dict]:
+        """This process's rows, epoch after epoch, each epoch in the order drawn from (seed, epoch)."""
+        from ldm.diffusion import mix_seed
+
+        for epoch in itertools.count():
+            rows = self.dataset
+            if self.cfg.shuffle_buffer:
+                rows = rows.shuffle(seed=mix_seed(self.seed, epoch) % 2**32, buffer_size=self.cfg.shuffle_buffer)
+            empty = True
+            for row in rows:
+                empty = False
+                yield row
+            if empty:
+                raise ConfigError(f"data.dataset: process {self.rank} has no samples in {self.cfg.dataset!r}")
+
+    def batches(self, batch_size: int, start: int, stop: int) -> Iterator[dict]:
+        """Micro-batches start … stop − 1 of this process, positions numbered as StreamBatches numbers them. A
+        resumed run (start > 0) replays the micro-batches before `start` and discards them: the same rows
+        decode (or fail) the same way, so it continues exactly where the checkpoint left off."""
+        from ldm.data import StreamBatches
+
+        rows = self._rows()
+        numbering = StreamBatches(batch_size, 0, stop, self.rank, self.world)
+        self._read = 0
+        for micro in range(stop):
+            items = [self._next_item(rows, position) for position in numbering.positions(micro)]
+            if micro >= start:
+                yield {"position": [i["position"] for i in items], "index": [i["index"] for i in items],
+                       "source": [i["source"] for i in items], "caption": [i["caption"] for i in items],
+                       "pixel_values": torch.stack([i["pixel_values"] for i in items]),
+                       "crop_box": torch.stack([i["crop_box"] for i in items])}
+
+    def _next_item(self, rows: Iterator[dict], position: int) -> dict:
+        """The next row that decodes, prepared for `position`; rows that do not are counted and skipped."""
+        from ldm.data import caption_for, prepare_sample
+        from ldm.diffusion import AUGMENT_STREAM, sample_generator
+        from ldm.sources import BadSample, decode_image, normalise_caption, record_after_audit
+
+        while True:
+            row = next(rows)
+            self._read += 1
+            name = f"{Path(row.get('__url__') or self.cfg.dataset).name}:{row.get('__key__')}"
+            try:
+                ref = self.reader._ref(row)
+                if not ref.get("bytes"):
+                    raise BadSample("missing image", name)
+                caption = normalise_caption(self.reader._raw_caption(row), name, [])
+                pixels, box = prepare_sample(decode_image(ref["bytes"], name), self.cfg,
+                                             sample_generator(self.seed, position, AUGMENT_STREAM))
+            except BadSample as bad:
+                self.skipped += 1
+                record_after_audit(self.audit_file, bad, f"streaming, process {self.rank}")
+                continue
+            return {"position": position, "index": self._read - 1, "source": name, "pixel_values": pixels,
+                    "crop_box": box,
+                    "caption": caption_for(caption, self.seed, position, self.cfg.shuffle_tags, self.cfg.keep_tags)}

@@ -54,6 +54,7 @@ from ldm.data import SampleStream, StreamBatches
 from ldm.diffusion import SampleDraws, draw_samples
 from ldm.hub import BackgroundPublisher, publish, write_model_card
 from ldm.run_folder import apply_settings, claim_output_dir, record_resume, resume_changes
+from ldm.shards import StreamingShards
 from ldm.sources import open_audited
 from ldm.trainable import Trainable, build_trainable
 from ldm.validation import ParameterEMA, ema_weights, log_validation_loss, validate
@@ -117,9 +118,12 @@ def encode_batch(batch, draws: SampleDraws, encoded: Optional[EncodedDataset], f
     return latents.to(device), encode_prompts(*frozen.text, captions_of(batch, draws)).to(device)
 
 
-def iterate_batches(stream: SampleStream, sampler: StreamBatches, encoded: Optional[EncodedDataset],
+def iterate_batches(stream: SampleStream | StreamingShards, sampler: StreamBatches, encoded: Optional[EncodedDataset],
                     num_workers: int, pin_memory: bool) -> Iterator[dict]:
     """Micro-batches in stream order: indices only when pre-encoded, decoded images otherwise."""
+    if isinstance(stream, StreamingShards):
+        yield from stream.batches(sampler.batch_size, sampler.start, sampler.stop)
+        return
     if encoded is not None:
         for positions in sampler:
             indices = [encoded.usable(stream.index_of(p)) for p in positions]
@@ -159,7 +163,8 @@ def plan_buckets(stream: SampleStream, cfg: Config, vae_downsample: int, global_
 def _record(path: Path, step: int, batch: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps({"step": step, "positions": list(map(int, batch["position"])),
-                            "indices": list(map(int, batch["index"]))}) + "\n")
+                            "indices": list(map(int, batch["index"])),
+                            **({"sources": batch["source"]} if "source" in batch else {})}) + "\n")
 
 
 def _check_ranks_agree(accelerator: Accelerator, trainable: Trainable) -> None:
@@ -244,8 +249,14 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
         if t.report_to != "none":
             accelerator.init_trackers("text2img")
     # 3. Data: columns checked, every sample audited (bad ones converted or skipped and counted).
-    stream = SampleStream(open_audited(cfg.data, load_tokenizer(cfg.model.text_encoder), accelerator),
-                          cfg.data, t.seed)
+    if cfg.data.streaming:  # each process streams its own shards; samples are checked as they are met
+        stream = StreamingShards(cfg.data, t.seed, accelerator.process_index, accelerator.num_processes)
+        accelerator.print(stream.describe())
+        if main:
+            (out / "data_audit.json").write_text(json.dumps({"streaming": stream.describe()}, indent=1))
+    else:
+        stream = SampleStream(open_audited(cfg.data, load_tokenizer(cfg.model.text_encoder), accelerator),
+                              cfg.data, t.seed)
     if main and hasattr(stream.source, "report"):
         (out / "data_audit.json").write_text(json.dumps(stream.source.report.to_dict(), indent=1))
     stream.audit_file = out / "data_audit.json"

@@ -99,3 +99,60 @@ def test_a_killed_run_on_shards_resumes_exactly(tiny, write_imagefolder, tmp_pat
            "train.checkpoint_every=2", "train.ema_decay=0.9"]
     kill_resume_and_compare(tmp_path, lambda out: tiny_overrides(tiny, out) + run,
                             ("unet.safetensors", "ema.safetensors"))
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming: each process reads its own shards
+# --------------------------------------------------------------------------------------------
+
+
+def _streaming_run(tiny, shards: Path, out: Path, *extra: str) -> list[str]:
+    return tiny_overrides(tiny, out) + [f"data.dataset={shards}", "data.streaming=true", "data.shuffle_buffer=4",
+                                        "train.record_samples=true", *extra]
+
+
+def _sources(out: Path, rank: int) -> list[str]:
+    return [s for line in (out / f"samples_rank{rank}.jsonl").read_text().splitlines()
+            for s in json.loads(line)["sources"]]
+
+
+def test_streaming_counts_bad_samples_and_replays_by_seed(tiny, folder, tmp_path):
+    from ldm.train import train
+
+    write_shards(folder, tmp_path / "shards", samples_per_shard=3, caption_column="caption")  # 4 shards
+    for name in ("a", "b"):
+        train(load_config(None, _streaming_run(tiny, tmp_path / "shards", tmp_path / name, "train.max_steps=4",
+                                               "train.checkpoint_every=4")), show_progress=False)
+    seen = _sources(tmp_path / "a", 0)
+    assert seen == _sources(tmp_path / "b", 0) and len(seen) == 16  # the order is the seed's
+    assert seen[:9] != sorted(seen[:9])  # shuffled (shards and a 4-sample buffer)
+    assert "shard-000001.tar:000000003" not in seen  # the truncated picture never trained…
+    report = json.loads((tmp_path / "a" / "data_audit.json").read_text())
+    assert report["went_bad_after_audit"]["shard-000001.tar:000000003"]["reason"] == "truncated image"  # …counted
+    a, b = (load_file(str(tmp_path / n / "checkpoints" / "step_000004" / "unet.safetensors")) for n in "ab")
+    assert _max_diff(a, b) == 0.0
+
+
+def test_streaming_refuses_what_needs_an_index():
+    for key in ("data.cache=true", "data.buckets.enabled=true", "data.validation_images=2"):
+        with pytest.raises(ConfigError, match="cannot be combined with data.streaming"):
+            load_config(None, ["data.streaming=true", key])
+
+
+@pytest.mark.slow
+def test_streaming_processes_read_disjoint_shards_and_resume_exactly(tiny, folder, tmp_path):
+    from conftest import write_config
+    from test_resume import train_on_two_processes
+
+    write_shards(folder, tmp_path / "shards", samples_per_shard=3, caption_column="caption")  # 4 shards
+    two = tmp_path / "two"
+    stdout = train_on_two_processes(write_config(tmp_path / "two.yaml", _streaming_run(
+        tiny, tmp_path / "shards", two, "train.batch_size=2", "train.max_steps=4", "data.shuffle_buffer=0")))
+    assert "2 of 4 shards per process" in stdout
+    shards = [{s.split(":")[0] for s in _sources(two, rank)} for rank in (0, 1)]
+    assert shards[0].isdisjoint(shards[1]) and len(shards[0] | shards[1]) == 4
+    # SIGKILL after checkpoint 2, resume: each process replays its stream to where it was.
+    (tmp_path / "kill").mkdir()
+    kill_resume_and_compare(tmp_path / "kill", lambda out: _streaming_run(
+        tiny, tmp_path / "shards", out, "train.max_steps=6", "train.checkpoint_every=2", "train.ema_decay=0.9"),
+        ("unet.safetensors", "ema.safetensors"))
