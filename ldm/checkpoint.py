@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from ldm.config import Config, ConfigError, UserError, save_config
 from ldm.pipeline import assemble_pipeline
+from ldm.sharding import full_state, shard_like
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -122,9 +123,13 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Whole moments back into the optimizer, each cut like its parameter when that is sharded."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         idx, name = key.split(".", 1)
+        if torch.is_tensor(value) and int(idx) < len(params) and value.shape == params[int(idx)].shape:
+            value = shard_like(value, params[int(idx)])
         state.setdefault(int(idx), {})[name] = value
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
@@ -140,16 +145,23 @@ class TrainingState:
 
 def save_training_state(root: str | Path, step: int, micro_step: int, trainable, ema, optimizer, lr_schedule,
                         accelerator, cfg: Config, keep: Optional[int]) -> Optional[Path]:
-    """Write checkpoints/step_{step}; every process takes part (each saves its own RNG state).
+    """Write checkpoints/step_{step}; every process takes part (each saves its own RNG state, and under FSDP
+    each gives its shards: the files hold whole tensors, the same as an unsharded run's).
 
     `trainable` (ldm.trainable) says what trains: its state, parameter names and file name."""
     root = Path(root)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
     main = accelerator.is_main_process
+    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer  # (accelerate wraps it)
+    weights = full_state(trainable.state_dict(), keep=main)
+    shadow = full_state(dict(zip([n for n, _ in trainable.named_parameters()], ema.shadow_params, strict=True)),
+                        keep=main) if ema is not None else None
+    opt_tensors, opt_meta = _optimizer_tensors(inner)
+    opt_tensors = full_state(opt_tensors, keep=main)
     if main:
         # Never checkpoint non-finite weights: they would poison every resume.
-        if not all(torch.isfinite(p).all() for p in trainable.parameters()):
+        if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
             raise FloatingPointError(f"{trainable.label} weights are not finite at step {step}; refusing to "
                                      "checkpoint them")
         check_disk_space(root, estimate_checkpoint_bytes(trainable, ema is not None))
@@ -162,15 +174,12 @@ def save_training_state(root: str | Path, step: int, micro_step: int, trainable,
     _fsync_file(tmp / f"rng_rank{accelerator.process_index}.json")
     accelerator.wait_for_everyone()
     if main:
-        _save_tensors(trainable.state_dict(), tmp / trainable.weights_file)
+        _save_tensors(weights, tmp / trainable.weights_file)
         ema_meta = None
         if ema is not None:
             # Keyed by parameter name: the file loads straight into the module with load_state_dict(strict=False).
-            names = [name for name, _ in trainable.named_parameters()]
-            _save_tensors(dict(zip(names, ema.shadow_params, strict=True)), tmp / "ema.safetensors")
+            _save_tensors(shadow, tmp / "ema.safetensors")
             ema_meta = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-        inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer  # (accelerate wraps it)
-        opt_tensors, opt_meta = _optimizer_tensors(inner)
         _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         save_config(cfg, tmp / "config.yaml")
@@ -273,6 +282,8 @@ def _check_shapes(weights: Path, trainable) -> None:
 
 def load_training_state(folder: Path, trainable, ema, optimizer, lr_schedule, accelerator) -> TrainingState:
     state = read_state(folder)
+    # safetensors takes "cpu", not the "cpu:0" a multi-process CPU launch gives each process.
+    device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
     weights = folder / trainable.weights_file
     if not weights.is_file():
         found = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in ("ema.safetensors",
@@ -282,17 +293,19 @@ def load_training_state(folder: Path, trainable, ema, optimizer, lr_schedule, ac
                          f"not a checkpoint of a {trainable.label} run; resume the run that wrote it with its own "
                          "config, or start a new one in another train.output_dir")
     _check_shapes(weights, trainable)
-    trainable.load_state_dict(load_file(str(weights), device=str(accelerator.device)))
+    current = trainable.state_dict()
+    trainable.load_state_dict({k: shard_like(v, current[k]) if k in current else v
+                               for k, v in load_file(str(weights), device=device).items()})
     if ema is not None:
         if not (folder / "ema.safetensors").is_file():
             raise ConfigError(f"{folder} was saved without EMA but train.ema_decay is set; set train.ema_decay=null "
                              "or start a new run")
         shadow = load_file(str(folder / "ema.safetensors"))
-        names = [name for name, _ in trainable.named_parameters()]
-        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[name] for name in names]})
+        named = trainable.named_parameters()
+        ema.load_state_dict({**state["ema"], "shadow_params": [shard_like(shadow[n], p) for n, p in named]})
         ema.to(accelerator.device)
     inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-    _load_optimizer(inner, load_file(str(folder / "optimizer.safetensors"), device=str(accelerator.device)),
+    _load_optimizer(inner, load_file(str(folder / "optimizer.safetensors"), device=device),
                     state["optimizer"])
     lr_schedule.load_state_dict({**lr_schedule.state_dict(), **state["lr_schedule"]})
     if accelerator.scaler is not None and state["grad_scaler"]:

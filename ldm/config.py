@@ -174,6 +174,9 @@ class TrainConfig:
     allow_tf32: bool = True  # TF32 tensor cores for fp32 matmuls/convolutions on Ampere+ GPUs (no effect on CPU)
     channels_last: bool = False  # NHWC UNet activations: faster convolutions on recent GPUs
     compile: bool = False  # torch.compile the UNet (slow first steps, faster after)
+    # "fsdp": shard the trained module's weights, gradients and AdamW moments across the processes (FSDP2,
+    # ldm.sharding); "none": every process holds all of them (DDP).
+    sharding: Literal["none", "fsdp"] = "none"
     snr_gamma: Optional[float] = None  # min-SNR-γ loss weighting (Hang et al. 2023); 5.0 is typical
     ema_decay: Optional[float] = 0.9999  # None disables EMA
     # EMA warm-up: decay 1 − (1 + n)^(−2/3) capped at ema_decay (Diffusers' use_ema_warmup); without it
@@ -593,6 +596,9 @@ def check_config(cfg: Config) -> None:
     _require(b.max_aspect_ratio >= 1.0, "data.buckets.max_aspect_ratio", f"must be ≥ 1, got {b.max_aspect_ratio}")
     if b.min_side is not None and b.max_side is not None:
         _require(b.min_side <= b.max_side, "data.buckets.min_side", f"{b.min_side} exceeds max_side {b.max_side}")
+    from ldm.sharding import check_sharding
+
+    check_sharding(cfg)
     for i, ch in enumerate(a.block_out_channels):
         _require(ch > 0 and ch % a.norm_num_groups == 0, f"autoencoder.block_out_channels[{i}]",
                  f"{ch} must be a positive multiple of autoencoder.norm_num_groups ({a.norm_num_groups})")

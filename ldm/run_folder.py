@@ -26,7 +26,7 @@ from ldm.config import Config, ConfigError, load_config, to_dict
 
 # What ldm writes into train.output_dir (an explicit overwrite removes these and nothing else).
 RUN_FILES = ("checkpoints", "validation", "logs", "hub_staging", "config.yaml", "data_audit.json",
-             "train_summary.json", "validation_loss.jsonl", "resumes.jsonl")
+             "train_summary.json", "validation_loss.jsonl", "resumes.jsonl", "train_log.jsonl")
 RUN_GLOBS = ("samples_rank*.jsonl",)
 
 # Settings a resume applies from its step on (re-applied to the optimizer, schedule and EMA after loading).
@@ -41,6 +41,7 @@ FREE_ON_RESUME = (
     "train.report_to", "train.checkpoint_every", "train.checkpoints_total_limit", "train.nonfinite",
     "train.max_nonfinite_steps", "train.record_samples", "train.ema_for_export", "train.gradient_checkpointing",
     "train.attention", "train.allow_tf32", "train.channels_last", "train.compile", "train.batch_size",
+    "train.sharding",  # checkpoints hold whole tensors either way
     "data.num_workers", "data.cache", "data.cache_dir", "data.audit", "data.max_bad_fraction",
     "lora.trigger_words", "lora.kohya", "lora.fuse", "sample.", "hub.", "autoencoder.",
 )

@@ -18,6 +18,7 @@ import json
 import re
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -54,6 +55,7 @@ from ldm.data import SampleStream, StreamBatches
 from ldm.diffusion import SampleDraws, draw_samples
 from ldm.hub import BackgroundPublisher, publish, write_model_card
 from ldm.run_folder import apply_settings, claim_output_dir, record_resume, resume_changes
+from ldm.sharding import Sharded, check_launch, full, held, whole_weights
 from ldm.shards import StreamingShards
 from ldm.sources import open_audited
 from ldm.trainable import Trainable, build_trainable
@@ -168,22 +170,32 @@ def _record(path: Path, step: int, batch: dict) -> None:
 
 
 def _check_ranks_agree(accelerator: Accelerator, trainable: Trainable) -> None:
-    """All processes must end with the same weights; a cheap checksum makes a divergence loud."""
-    checksum = torch.stack([p.detach().double().sum() for p in trainable.parameters()]).sum().reshape(1)
+    """All processes must end with the same weights; a cheap checksum makes a divergence loud (sharded
+    weights are summed over their shards: every process gets the whole sum)."""
+    checksum = torch.stack([full(p.detach().double().sum()) for p in trainable.parameters()]).sum().reshape(1)
     sums = accelerator.gather(checksum.to(accelerator.device))
     if not torch.all(sums == sums[0]):
         raise RuntimeError(f"processes ended with different weights (checksums {sums.tolist()})")
     accelerator.print(f"final weights agree on {accelerator.num_processes} process(es): checksum {sums[0].item():.10e}")
 
 
-def _export(trainable: Trainable, folder: Path, frozen: FrozenEncoders, scheduler, cfg: Config, ema) -> Path:
-    """What the run leaves behind (EMA weights by default), with its model card."""
+@contextmanager
+def evaluation_weights(trainable: Trainable, ema, cfg: Config, sharded: Optional[Sharded], main: bool):
+    """Eval mode and the weights validation and export use (EMA by default), whole on the main process;
+    under FSDP every process must enter (the weights are gathered), otherwise the main one alone."""
     trainable.set_training(False)
-    with ema_weights(trainable, ema if cfg.train.ema_for_export else None):
-        tokenizer, text_encoder = frozen.text
-        vae = frozen.vae if frozen.vae.dtype == torch.float32 else frozen.vae.to(torch.float32)
-        trainable.export(folder, vae, text_encoder, tokenizer, scheduler, cfg)
-    trainable.set_training(True)
+    try:
+        with ema_weights(trainable, ema if cfg.train.ema_for_export else None), whole_weights(sharded, trainable, main):
+            yield
+    finally:
+        trainable.set_training(True)
+
+
+def _export(trainable: Trainable, folder: Path, frozen: FrozenEncoders, scheduler, cfg: Config) -> Path:
+    """What the run leaves behind, with the weights as they are (inside `evaluation_weights`)."""
+    tokenizer, text_encoder = frozen.text
+    vae = frozen.vae if frozen.vae.dtype == torch.float32 else frozen.vae.to(torch.float32)
+    trainable.export(folder, vae, text_encoder, tokenizer, scheduler, cfg)
     return folder
 
 
@@ -200,7 +212,8 @@ def _write_summary(path: Path, trainable: Trainable, steps: int, seconds: float,
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
     path.write_text(json.dumps({
-        **trainable.describe(), "steps": steps, "seconds": round(seconds, 2),
+        **trainable.describe(), "parameters_held_per_process": sum(held(p) for p in trainable.parameters()),
+        "steps": steps, "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / max(steps, 1), 4), "peak_memory_mib": round(peak / 2**20, 1),
         "checkpoint_mib": round(size(checkpoints[-1]) / 2**20, 3) if checkpoints else None,
         "export_mib": round(size(export) / 2**20, 3)}, indent=1))
@@ -209,7 +222,8 @@ def _write_summary(path: Path, trainable: Trainable, steps: int, seconds: float,
 def _push_checkpoint(publisher: BackgroundPublisher, cfg: Config, step: int, frozen: FrozenEncoders,
                      trainable: Trainable, ema, scheduler, staging: Path) -> None:
     """Export the weights of this checkpoint to a staging folder and upload it in the background."""
-    _export(trainable, staging, frozen, scheduler, cfg, ema)
+    with evaluation_weights(trainable, ema, cfg, None, True):
+        _export(trainable, staging, frozen, scheduler, cfg)
     write_model_card(staging, cfg)
     publisher.submit(staging, f"ldm: checkpoint at step {step}")
 
@@ -230,6 +244,7 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     device, main = accelerator.device, accelerator.is_main_process
+    check_launch(cfg, accelerator)
     set_tf32(t.allow_tf32)
     # The folder: a fresh run never takes over another run's; a resume must match the checkpoint's config.
     ckpt_root = out / "checkpoints"
@@ -299,6 +314,8 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
     if t.channels_last:
         for module in trainable.modules():
             module.to(memory_format=torch.channels_last)
+    # FSDP: the trained module's parameters become this process' shards (before the optimizer sees them).
+    sharded = Sharded(trainable.module, accelerator.num_processes, device) if t.sharding == "fsdp" else None
     # 6. Optimiser over what trains, LR schedule (stepped once per optimizer step, whatever the process
     #    count), EMA of the same parameters. AdamW's fused kernel runs on CPUs too: 20 ms a step on the
     #    quickstart UNet against 90 ms for the per-tensor loop PyTorch picks by default off CUDA (Intel Xeon).
@@ -314,8 +331,12 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
         ema.to(device)
     # The bare module shares its parameters with whatever wraps it here (compile, DDP); EMA, checkpoints,
     # validation and export use the bare one (its state-dict keys carry no wrapper prefix).
+    # Sharded, the module is its own wrapper (FSDP reduces the gradients) and only the optimizer is prepared.
     model = torch.compile(trainable.module) if t.compile else trainable.module
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        optimizer = accelerator.prepare(optimizer)
     # A trained text encoder is a second wrapped model (DDP all-reduces its gradients too).
     text_model = accelerator.prepare(trainable.text_encoder) if trainable.text_encoder is not None else None
     wrapped = [m for m in (model, text_model) if m is not None]
@@ -368,7 +389,7 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
                 continue
             # Non-finite guard: one host sync per optimizer step. Under fp16 the grad scaler already
             # skips overflowing steps, so only a non-finite loss counts there.
-            grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+            grad_norm = full(accelerator.clip_grad_norm_(params, t.max_grad_norm or float("inf")))
             finite = torch.isfinite(loss.detach()) & (torch.isfinite(grad_norm) if accelerator.scaler is None
                                                       else torch.ones((), dtype=torch.bool, device=device))
             if bool(accelerator.reduce(finite.float(), reduction="sum") == accelerator.num_processes):
@@ -402,6 +423,10 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
             accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": rate,
                              "train/grad_norm": float(grad_norm)}, step=step)
+            if main:  # the same numbers as plain text, whatever train.report_to says
+                with (out / "train_log.jsonl").open("a") as f:
+                    f.write(json.dumps({"step": step, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
+                                        "images_per_s": round(rate, 2)}) + "\n")
             running.zero_()
             window_start, window_steps = time.time(), 0
         if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.max_steps):
@@ -409,24 +434,24 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
                                 cfg, t.checkpoints_total_limit)
             if publisher is not None and main and step < t.max_steps and not publisher.busy:
                 _push_checkpoint(publisher, cfg, step, frozen, trainable, ema, scheduler, out / "hub_staging")
-        if t.validate_every and step % t.validate_every == 0 and step < t.max_steps and main:
-            trainable.set_training(False)
-            with ema_weights(trainable, ema if t.ema_for_export else None):
-                validate(cfg, step, frozen, trainable, scheduler, out, accelerator, stream)
-                log_validation_loss(cfg, step, stream, val_set, frozen, trainable, scheduler, out, accelerator)
-            trainable.set_training(True)
+        if t.validate_every and step % t.validate_every == 0 and step < t.max_steps and (main or sharded):
+            with evaluation_weights(trainable, ema, cfg, sharded, main):
+                if main:
+                    validate(cfg, step, frozen, trainable, scheduler, out, accelerator, stream)
+                    log_validation_loss(cfg, step, stream, val_set, frozen, trainable, scheduler, out, accelerator)
     bar.close()
     loop_seconds = time.time() - loop_start
     # 8. Export (EMA weights by default) and a last validation grid.
     _check_ranks_agree(accelerator, trainable)
     folder = out / trainable.export_folder
+    if main or sharded:
+        with evaluation_weights(trainable, ema, cfg, sharded, main):
+            if main:
+                _export(trainable, folder, frozen, scheduler, cfg)
+                if t.validate_every:
+                    validate(cfg, step, frozen, trainable, scheduler, out, accelerator, stream)
+                log_validation_loss(cfg, step, stream, val_set, frozen, trainable, scheduler, out, accelerator)
     if main:
-        _export(trainable, folder, frozen, scheduler, cfg, ema)
-        trainable.set_training(False)
-        with ema_weights(trainable, ema if t.ema_for_export else None):
-            if t.validate_every:
-                validate(cfg, step, frozen, trainable, scheduler, out, accelerator, stream)
-            log_validation_loss(cfg, step, stream, val_set, frozen, trainable, scheduler, out, accelerator)
         grids = sorted((out / "validation").glob("step_*.png"))
         write_model_card(folder, cfg, images=tuple(grids[-1:]))
         _write_summary(out / "train_summary.json", trainable, step - first_step, loop_seconds, folder, ckpt_root,

@@ -7,18 +7,31 @@ missing VAE folder is replaced by the untrained stage-1 architecture (same cost)
 SD recipe's Hub components (SD VAE, CLIP text encoders) by random weights of the same architecture, for
 machines that cannot download them:
     python scripts/benchmark.py --config configs/sd15-512.yaml --stand-ins data.dataset=shapes
+--sharding-memory N runs the same training under DDP and FSDP (train.sharding), each as a fresh
+`accelerate launch` of N processes, and reports peak memory per process (the README's memory table):
+    python scripts/benchmark.py --config configs/quickstart.yaml --sharding-memory 2 <overrides>
 --teacher and --student time sampling only: the teacher (DPM-Solver++ 20 steps, guidance sample.guidance_scale
 of the config) against its distilled student (lcm, 4 steps, no unconditional pass), back to back:
     python scripts/benchmark.py --config configs/quickstart.yaml --teacher outputs/quickstart/text2img/pipeline \
         --student outputs/quickstart/lcm/pipeline
 """
 
+import argparse
 import json
 import shutil
 from pathlib import Path
 
 from ldm.autoencoder import save_untrained_autoencoder
-from ldm.benchmark import format_few_step, format_report, run_benchmark, save_stand_ins, time_few_step
+from ldm.benchmark import (
+    format_few_step,
+    format_report,
+    format_sharding_memory,
+    memory_run,
+    run_benchmark,
+    save_stand_ins,
+    sharding_memory,
+    time_few_step,
+)
 from ldm.cli import argument_parser, run_script
 from ldm.config import ConfigError, load_config
 from ldm.shapes import write_imagefolder
@@ -35,8 +48,27 @@ def main() -> None:
     p.add_argument("--teacher", help="a pipeline folder: time its sampling against --student")
     p.add_argument("--student", help="a distilled pipeline of --teacher")
     p.add_argument("--student-steps", type=int, default=4)
+    p.add_argument("--sharding-memory", type=int, default=0, metavar="N",
+                   help="peak memory per process of DDP against FSDP, N processes each")
+    p.add_argument("--memory-run", help=argparse.SUPPRESS)  # one process of --sharding-memory
     a = p.parse_args()
     out = Path(a.out)
+    if a.sharding_memory:
+        out.mkdir(parents=True, exist_ok=True)
+        overrides = [*a.overrides, f"data.cache_dir={out / 'cache'}"]
+        cfg = load_config(a.config, overrides)
+        if not Path(cfg.model.vae.path).exists():
+            vae = save_untrained_autoencoder(cfg, out / "vae")
+            print(f"{cfg.model.vae.path} not found: using the untrained stage-1 architecture ({vae})")
+            overrides.append(f"model.vae.path={vae}")
+        report = sharding_memory(Path(__file__), a.config, overrides, out, a.sharding_memory, a.warmup, a.windows,
+                                 a.window_steps)
+        (out / "sharding_memory.json").write_text(json.dumps(report, indent=1))
+        print(format_sharding_memory(report))
+        return
+    if a.memory_run:
+        memory_run(load_config(a.config, a.overrides), Path(a.memory_run), a.warmup, a.windows, a.window_steps)
+        return
     if a.teacher or a.student:
         if not (a.teacher and a.student):
             raise ConfigError("--teacher and --student go together (a pipeline and its distilled student)")
