@@ -400,8 +400,8 @@ def sharding_memory(script: Path, config: Optional[str], overrides: list[str], o
 
 def format_sharding_memory(r: dict) -> str:
     rows = [f"{r['num_processes']} processes, the same training under DDP and FSDP (train.sharding)",
-            "| sharding | peak memory per rank | trained parameters held per rank | weights + grads + AdamW held "
-            "per rank | s/step |", "| --- | --- | --- | --- | --- |"]
+            "| sharding | peak memory per rank | trained parameters held per rank | weights, gradients, AdamW "
+            "(and EMA) held per rank | s/step |", "| --- | --- | --- | --- | --- |"]
     for name, label in (("none", "none (DDP)"), ("fsdp", "fsdp (FSDP2)")):
         x = r["runs"][name]
         peaks = " / ".join(f"{p:.0f}" for p in x["peak_mib_per_rank"])
