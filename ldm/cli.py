@@ -4,6 +4,7 @@ user's mistake reported as one message with exit status 2 instead of a traceback
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,6 +27,12 @@ def run_script(main: Callable[[], None]) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A process of a multi-process launch, its work written and flushed: leave without tearing down the
+        # process group, whose gloo destructor can deadlock (see ldm.train._KEPT_UNTIL_EXIT).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def text_argument(path: str, flag: str) -> str:

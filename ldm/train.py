@@ -61,6 +61,12 @@ from ldm.sources import open_audited
 from ldm.trainable import Trainable, build_trainable
 from ldm.validation import ParameterEMA, ema_weights, log_validation_loss, validate
 
+# What holds a process group in a multi-process run, kept past train()'s return: freeing a DDP reducer can
+# deadlock in gloo's process-group destructor (it waits on its worker threads while holding the GIL; seen
+# here once in a full test run, after every file was written). The scripts end such runs with
+# `os._exit` once output is flushed (ldm.cli.run_script), so these are never torn down.
+_KEPT_UNTIL_EXIT: list = []
+
 
 class NonFiniteError(UserError, FloatingPointError):
     """Training stopped on non-finite losses or gradients (the message names the settings to change)."""
@@ -463,5 +469,7 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
                     commit_message=f"ldm: step {step}", log=accelerator.print)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.num_processes > 1:
+        _KEPT_UNTIL_EXIT.append((accelerator, wrapped, trainable))
     return folder
 

@@ -5,7 +5,6 @@ distributed setups ldm does not run here (accelerate's FSDP plugin, DeepSpeed)."
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -111,8 +110,15 @@ def test_fsdp_resume_after_sigkill_is_exact(tiny, tmp_path, runs):
         assert proc.poll() is None, "run ended before it could be killed:\n" + proc.stdout.read()[-3000:]
         assert time.time() < deadline, "timed out waiting for checkpoint 2"
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks at once
+    # The launcher and both ranks at once (torchrun starts each rank in a session of its own).
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    assert len(tree) >= 3  # launcher, ranks
+    for p in tree:
+        p.send_signal(signal.SIGKILL)
     proc.wait()
+    assert not psutil.wait_procs(tree, timeout=20)[1], "a rank survived SIGKILL"
     assert not (out / "checkpoints" / "step_000006").exists(), "the run was meant to die mid-way"
     assert "resumed from" in _train(config, "train.resume=latest")
     for name in ("unet.safetensors", "ema.safetensors", "optimizer.safetensors"):
