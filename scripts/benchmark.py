@@ -14,6 +14,10 @@ machines that cannot download them:
 of the config) against its distilled student (lcm, 4 steps, no unconditional pass), back to back:
     python scripts/benchmark.py --config configs/quickstart.yaml --teacher outputs/quickstart/text2img/pipeline \
         --student outputs/quickstart/lcm/pipeline
+--peer-example runs Diffusers' own training example (examples/text_to_image/train_text_to_image.py of a Diffusers
+checkout; it needs torchvision) and ldm on the same fine-tune of a tiny Stable-Diffusion-layout pipeline, as
+fresh processes, alternated, and writes peer.json and peer.md (the README's peer table):
+    python scripts/benchmark.py --peer-example ../diffusers/examples/text_to_image/train_text_to_image.py
 """
 
 import argparse
@@ -34,6 +38,7 @@ from ldm.benchmark import (
 )
 from ldm.cli import argument_parser, run_script
 from ldm.config import ConfigError, load_config
+from ldm.peer import format_peer, run_peer
 from ldm.shapes import write_imagefolder
 
 
@@ -50,9 +55,18 @@ def main() -> None:
     p.add_argument("--student-steps", type=int, default=4)
     p.add_argument("--sharding-memory", type=int, default=0, metavar="N",
                    help="peak memory per process of DDP against FSDP, N processes each")
+    p.add_argument("--peer-example", help="Diffusers' train_text_to_image.py: time it against ldm")
+    p.add_argument("--peer-pipeline", help="the pipeline both fine-tune (default: a tiny SD layout, built in --out)")
+    p.add_argument("--peer-lengths", type=int, nargs=2, default=[20, 80], metavar=("SHORT", "LONG"))
+    p.add_argument("--peer-repeats", type=int, default=2)
     p.add_argument("--memory-run", help=argparse.SUPPRESS)  # one process of --sharding-memory
     a = p.parse_args()
     out = Path(a.out)
+    if a.peer_example:
+        report = run_peer(Path(a.peer_example), out / "peer", Path(a.peer_pipeline) if a.peer_pipeline else None,
+                          lengths=tuple(a.peer_lengths), repeats=a.peer_repeats)
+        print(format_peer(report))
+        return
     if a.sharding_memory:
         out.mkdir(parents=True, exist_ok=True)
         overrides = [*a.overrides, f"data.cache_dir={out / 'cache'}"]
