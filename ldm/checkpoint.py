@@ -133,6 +133,13 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
         state.setdefault(int(idx), {})[name] = value
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    # load_state_dict hands moments back contiguous; the fused AdamW kernel walks a parameter and its moments
+    # as flat memory, so a channels-last weight with contiguous moments would be updated from the wrong
+    # elements. Each moment takes its parameter's layout again.
+    for p in params:
+        for name, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                optimizer.state[p][name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 @dataclass
