@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import copy
 import json
+import platform
 import shutil
 import statistics
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -58,6 +59,17 @@ STAND_IN_TEXT_ENCODERS = {
     "openai/clip-vit-base-patch32": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                                          num_attention_heads=8, projection_dim=512),
 }
+
+
+def cpu_name() -> str:
+    """The CPU's model name as lscpu gives it (timings depend on it: AVX2 against AVX-512 BF16 / AMX)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def save_letter_tokenizer(folder: Path, model_max_length: int):
@@ -262,6 +274,80 @@ def time_few_step(teacher: str, student: str, prompts: list[str], batch: int = 1
                   "seconds_per_image": statistics.median(seconds[name]), "all": seconds[name]} for name in pipes}
     out["speedup"] = out["teacher"]["seconds_per_image"] / out["student"]["seconds_per_image"]
     return out
+
+
+def time_generation(model: str, prompts: list[str], sampler: str = "dpm++", steps: int = 20, guidance: float = 3.0,
+                    batch: int = 64, repeats: int = 3, probe_seeds: int = 0) -> dict:
+    """Seconds per image of plain Diffusers (the StableDiffusionPipeline as loaded, fp32, called directly) against
+    `ldm.generate(fast=True)` on the same model, sampler, steps, guidance, batch and seeds: separate copies of the
+    pipeline, calls alternated, one warm-up call each (the fast one's compiles: its seconds are reported), the
+    median of `repeats` timed calls. With `probe_seeds`, both also run the shapes probe (a model trained on shapes)
+    and the scores are reported side by side."""
+    import numpy as np
+
+    from ldm.pipeline import generate, load_pipeline, make_scheduler
+
+    plain, fast = load_pipeline(model), load_pipeline(model)
+    plain.scheduler = make_scheduler(sampler, plain.scheduler.config)
+    plain.set_progress_bar_config(disable=True)
+    batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
+
+    def run_plain(seed: int) -> list:
+        generators = [torch.Generator().manual_seed(seed + j) for j in range(batch)]
+        return plain(prompt=batch_prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                     output_type="pil").images
+
+    def run_fast(seed: int) -> list:
+        return [r.image for r in generate(fast, batch_prompts, sampler=sampler, num_inference_steps=steps,
+                                          guidance_scale=guidance, seed=seed, batch_size=batch, fast=True)]
+
+    seconds: dict[str, list[float]] = {"plain": [], "fast": []}
+    first: dict[str, float] = {}
+    images: dict[str, list] = {}
+    for r in range(repeats + 1):
+        for name, run in (("plain", run_plain), ("fast", run_fast)):
+            start = time.perf_counter()
+            images[name] = run(r)
+            elapsed = time.perf_counter() - start
+            if r:
+                seconds[name].append(elapsed / batch)
+            else:
+                first[name] = elapsed
+    diff = [np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)) for a, b in
+            zip(images["plain"], images["fast"])]
+    out = {"model": str(model), "sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance,
+           "batch": batch, "fast_path": asdict(fast._ldm_fast), "cpu": cpu_name(),
+           "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "pixels_mean_abs_diff": float(np.mean([d.mean() for d in diff])),
+           "pixels_max_abs_diff": int(max(d.max() for d in diff))}
+    for name in seconds:
+        out[name] = {"seconds_per_image": statistics.median(seconds[name]), "all": seconds[name],
+                     "first_call_seconds": first[name]}
+    out["speedup"] = out["plain"]["seconds_per_image"] / out["fast"]["seconds_per_image"]
+    if probe_seeds:
+        from ldm.evaluation import saved_holdout, shapes_probe, split_scores
+
+        held = saved_holdout(model)
+        for name, pipe in (("plain", plain), ("fast", fast)):
+            result = shapes_probe(pipe, seeds=range(probe_seeds), sampler=sampler, num_inference_steps=steps,
+                                  guidance_scale=guidance, batch_size=batch, fast=name == "fast")
+            out[name]["probe"] = {"all": result.scores, **split_scores(result, held)}
+    return out
+
+
+def format_generation(r: dict) -> str:
+    rows = [f"{r['cpu']}, torch {r['torch']}, {r['threads']} threads; {r['sampler']} {r['num_inference_steps']} steps, "
+            f"guidance {r['guidance_scale']:g}, batch {r['batch']}; fast path: {r['fast_path']}", "",
+            "| | ms / image | speed-up | first call (s) | probe: all three correct |", "| --- |" + " --- |" * 4]
+    for name, label in (("plain", "plain StableDiffusionPipeline (fp32)"), ("fast", "ldm.generate(fast=True)")):
+        x = r[name]
+        probe = " / ".join(f"{k.replace('_', '-')} {100 * v['all']:.1f} %" for k, v in x.get("probe", {}).items())
+        speedup = r["plain"]["seconds_per_image"] / x["seconds_per_image"]
+        rows.append(f"| {label} | {1000 * x['seconds_per_image']:.1f} | {speedup:.2f}× | "
+                    f"{x['first_call_seconds']:.1f} | {probe or '–'} |")
+    rows.append(f"pixels against plain: mean |diff| {r['pixels_mean_abs_diff']:.3f}, max {r['pixels_max_abs_diff']} "
+                "(of 255)")
+    return "\n".join(rows)
 
 
 def format_few_step(r: dict) -> str:

@@ -44,15 +44,16 @@ class ProbeResult:
 
 def shapes_probe(model, seeds: Sequence[int] = (0,), specs: Optional[Sequence[ShapeSpec]] = None,
                  sampler: str = "dpm++", num_inference_steps: int = 20, guidance_scale: float = 4.0,
-                 batch_size: int = 64, device: str = "cpu") -> ProbeResult:
-    """Generate every spec (default: every colour × shape × position) once per seed, and read it back."""
+                 batch_size: int = 64, device: str = "cpu", fast: bool = False) -> ProbeResult:
+    """Generate every spec (default: every colour × shape × position) once per seed, and read it back
+    (`fast`: through `generate(fast=True)`)."""
     specs = list(specs or all_specs())
     images, expected = [], []
     for seed in seeds:
         # Distinct seeds per image: image j of this call is seeded base + j.
         results = generate(model, [s.caption for s in specs], guidance_scale=guidance_scale,
                            num_inference_steps=num_inference_steps, sampler=sampler,
-                           seed=seed * 100_003, batch_size=batch_size, device=device)
+                           seed=seed * 100_003, batch_size=batch_size, device=device, fast=fast)
         images += [r.image for r in results]
         expected += specs
     readings = [read_image(image) for image in images]

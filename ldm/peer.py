@@ -13,7 +13,6 @@ import gzip
 import importlib.util
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -25,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from ldm.benchmark import cpu_name
 from ldm.config import ConfigError
 
 CLIP_VOCAB_SIZE = 49408
@@ -193,17 +193,7 @@ def peer_comparison(example: Path, pipeline: Path, images: Path, out: Path, kind
     for row in table.values():
         row["vs_example"] = base / row["s_per_step"]
     return {"table": table, "lengths": list(lengths), "repeats": repeats, "batch": batch, "lr": lr,
-            "torch": torch.__version__, "cpu": _cpu_name(), "threads": torch.get_num_threads(), "kinds": kinds}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+            "torch": torch.__version__, "cpu": cpu_name(), "threads": torch.get_num_threads(), "kinds": kinds}
 
 
 def format_peer(r: dict) -> str:

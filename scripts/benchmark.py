@@ -14,6 +14,11 @@ machines that cannot download them:
 of the config) against its distilled student (lcm, 4 steps, no unconditional pass), back to back:
     python scripts/benchmark.py --config configs/quickstart.yaml --teacher outputs/quickstart/text2img/pipeline \
         --student outputs/quickstart/lcm/pipeline
+--generation times plain Diffusers (StableDiffusionPipeline, fp32, called directly) against ldm.generate(fast=True)
+on the same model, sampler, steps, guidance, batch and seeds, back to back, and with --probe-seeds N scores both on
+the shapes probe (generation.json; the README's inference table):
+    python scripts/benchmark.py --config configs/quickstart.yaml --generation outputs/quickstart/text2img/pipeline \
+        --probe-seeds 2
 --peer-example runs Diffusers' own training example (examples/text_to_image/train_text_to_image.py of a Diffusers
 checkout; it needs torchvision) and ldm on the same fine-tune of a tiny Stable-Diffusion-layout pipeline, as
 fresh processes, alternated, and writes peer.json and peer.md (the README's peer table):
@@ -28,6 +33,7 @@ from pathlib import Path
 from ldm.autoencoder import save_untrained_autoencoder
 from ldm.benchmark import (
     format_few_step,
+    format_generation,
     format_report,
     format_sharding_memory,
     memory_run,
@@ -35,6 +41,7 @@ from ldm.benchmark import (
     save_stand_ins,
     sharding_memory,
     time_few_step,
+    time_generation,
 )
 from ldm.cli import argument_parser, run_script
 from ldm.config import ConfigError, load_config
@@ -59,6 +66,9 @@ def main() -> None:
     p.add_argument("--peer-pipeline", help="the pipeline both fine-tune (default: a tiny SD layout, built in --out)")
     p.add_argument("--peer-lengths", type=int, nargs=2, default=[20, 80], metavar=("SHORT", "LONG"))
     p.add_argument("--peer-repeats", type=int, default=2)
+    p.add_argument("--generation", help="a pipeline folder: plain Diffusers against ldm.generate(fast=True)")
+    p.add_argument("--generation-batch", type=int, default=64)
+    p.add_argument("--probe-seeds", type=int, default=0, help="with --generation: shapes-probe seeds for both")
     p.add_argument("--memory-run", help=argparse.SUPPRESS)  # one process of --sharding-memory
     a = p.parse_args()
     out = Path(a.out)
@@ -82,6 +92,15 @@ def main() -> None:
         return
     if a.memory_run:
         memory_run(load_config(a.config, a.overrides), Path(a.memory_run), a.warmup, a.windows, a.window_steps)
+        return
+    if a.generation:
+        cfg = load_config(a.config, a.overrides)
+        s = cfg.sample
+        report = time_generation(a.generation, s.prompts, sampler=s.sampler, steps=s.num_inference_steps,
+                                 guidance=s.guidance_scale, batch=a.generation_batch, probe_seeds=a.probe_seeds)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "generation.json").write_text(json.dumps(report, indent=1))
+        print(format_generation(report))
         return
     if a.teacher or a.student:
         if not (a.teacher and a.student):
