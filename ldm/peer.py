@@ -215,6 +215,18 @@ PEER_KINDS = {
 }
 
 
+def peer_kinds() -> dict[str, list[str]]:
+    """The rows for this machine: the two above, and where the CPU has bf16 units (AVX-512 BF16 / AMX) the
+    fast settings the README recommends there, the cache with bf16 autocast. Without bf16 units the fast
+    settings are the cache alone (bf16 is emulated, far slower), so no third row is run."""
+    from ldm.pipeline import native_bf16
+
+    kinds = dict(PEER_KINDS)
+    if native_bf16("cpu"):
+        kinds["cache + bf16 autocast"] = ["data.cache=true", "train.mixed_precision=bf16"]
+    return kinds
+
+
 def run_peer(example: Path, out: Path, pipeline: Optional[Path] = None, images: int = 512,
              kinds: Optional[dict[str, list[str]]] = None, pipeline_kwargs: Optional[dict] = None, **kwargs) -> dict:
     """The whole comparison: the pipeline (built in `out` unless given) and `images` shapes PNGs of 64 px, then
@@ -236,7 +248,7 @@ def run_peer(example: Path, out: Path, pipeline: Optional[Path] = None, images: 
     if len(list(folder.glob("*.png"))) != images:
         shutil.rmtree(folder, ignore_errors=True)
         write_imagefolder(folder, images, 64)
-    report = peer_comparison(example, pipeline, folder, out, kinds or PEER_KINDS, **kwargs)
+    report = peer_comparison(example, pipeline, folder, out, kinds or peer_kinds(), **kwargs)
     report.update(pipeline=str(pipeline), images=images, sizes=sizes)
     (out / "peer.json").write_text(json.dumps(report, indent=1))
     (out / "peer.md").write_text(format_peer(report) + "\n")

@@ -128,13 +128,16 @@ class FastPath:
     compiled: bool  # the UNet under torch.compile (with Inductor's weight freezing on CPU)
 
 
-def make_fast(pipe, compile: bool = True) -> FastPath:
+def make_fast(pipe, compile: bool = True, precision: Literal["auto", "bf16", "fp32"] = "auto") -> FastPath:
     """Prepare a pipeline for fast sampling, in place, once: channels-last UNet and VAE, bf16 autocast of the
     UNet where the hardware has bf16 units (`native_bf16`), and the UNet compiled. On a CPU the compile freezes
     the weights into the graph (Inductor's `freezing`: constants folded, convolution weights pre-packed for
     oneDNN), which is where most of the gain comes from, so weights must not change afterwards (no LoRA loaded
     later, no training). The first call compiles: tens of seconds to minutes on a small CPU; it pays over long
-    generation jobs, not over a handful of images."""
+    generation jobs, not over a handful of images. `precision` forces bf16 or fp32 instead of the hardware's
+    choice (bf16 without bf16 units is emulated: slow, but it shows what bf16 does to the pictures)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision {precision!r}: choose auto, bf16 or fp32")
     done = getattr(pipe, "_ldm_fast", None)
     if done is not None:
         return done
@@ -142,7 +145,8 @@ def make_fast(pipe, compile: bool = True) -> FastPath:
     for module in (pipe.unet, pipe.vae, getattr(pipe, "controlnet", None)):
         if module is not None:
             module.to(memory_format=torch.channels_last)
-    precision = "bf16" if native_bf16(device) else "fp32"
+    if precision == "auto":
+        precision = "bf16" if native_bf16(device) else "fp32"
     if precision == "bf16":
         pipe.unet.forward = _autocast_forward(pipe.unet.forward, device.type)
     if compile:

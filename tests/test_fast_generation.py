@@ -68,6 +68,25 @@ def test_fast_generation_refuses_loras(exported, tmp_path):
         generate(exported, PROMPTS[:1], fast=True, loras=[str(tmp_path / "any.safetensors")], num_inference_steps=1)
 
 
+def test_bf16_path_stays_near_fp32_and_hands_the_scheduler_fp32(exported):
+    """bf16 autocast of the UNet (forced here: on an AVX2-only CPU it is emulated, slow but the same arithmetic)."""
+    from ldm.pipeline import generate, load_pipeline, make_fast
+
+    kwargs = dict(guidance_scale=3.0, num_inference_steps=4, seed=5, batch_size=2)
+    pipe = load_pipeline(exported)
+    assert make_fast(pipe, compile=False, precision="bf16") == make_fast(pipe)  # prepared once, kept
+    predictions = []
+    pipe.unet.register_forward_hook(lambda module, args, out: predictions.append(out))
+    fast = generate(pipe, PROMPTS[:2], fast=True, **kwargs)
+    plain = generate(load_pipeline(exported), PROMPTS[:2], **kwargs)
+    assert predictions and all(out[0].dtype == torch.float32 for out in predictions)
+    for a, b in zip(_pixels(plain), _pixels(fast)):
+        diff = np.abs(a - b)
+        assert 0 < diff.max() <= MAX_LEVELS["bf16"] and diff.mean() <= MEAN_LEVELS["bf16"], (diff.max(), diff.mean())
+    with pytest.raises(ValueError, match="precision"):
+        make_fast(pipe, precision="fp16")
+
+
 def test_native_bf16_follows_the_cpu():
     from ldm.pipeline import native_bf16
 
