@@ -277,17 +277,20 @@ def time_few_step(teacher: str, student: str, prompts: list[str], batch: int = 1
 
 
 def time_generation(model: str, prompts: list[str], sampler: str = "dpm++", steps: int = 20, guidance: float = 3.0,
-                    batch: int = 64, repeats: int = 3, probe_seeds: int = 0) -> dict:
+                    batch: int = 64, repeats: int = 3, probe_seeds: int = 0, precision: str = "auto",
+                    compile: bool = True) -> dict:
     """Seconds per image of plain Diffusers (the StableDiffusionPipeline as loaded, fp32, called directly) against
     `ldm.generate(fast=True)` on the same model, sampler, steps, guidance, batch and seeds: separate copies of the
     pipeline, calls alternated, one warm-up call each (the fast one's compiles: its seconds are reported), the
     median of `repeats` timed calls. With `probe_seeds`, both also run the shapes probe (a model trained on shapes)
-    and the scores are reported side by side."""
+    and the scores are reported side by side. `precision` and `compile` go to `make_fast` (forcing bf16 on a CPU
+    without bf16 units measures what bf16 does to the pictures, not its speed)."""
     import numpy as np
 
-    from ldm.pipeline import generate, load_pipeline, make_scheduler
+    from ldm.pipeline import generate, load_pipeline, make_fast, make_scheduler
 
     plain, fast = load_pipeline(model), load_pipeline(model)
+    make_fast(fast, compile=compile, precision=precision)
     plain.scheduler = make_scheduler(sampler, plain.scheduler.config)
     plain.set_progress_bar_config(disable=True)
     batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]

@@ -68,7 +68,11 @@ def main() -> None:
     p.add_argument("--peer-repeats", type=int, default=2)
     p.add_argument("--generation", help="a pipeline folder: plain Diffusers against ldm.generate(fast=True)")
     p.add_argument("--generation-batch", type=int, default=64)
+    p.add_argument("--generation-repeats", type=int, default=3)
     p.add_argument("--probe-seeds", type=int, default=0, help="with --generation: shapes-probe seeds for both")
+    p.add_argument("--generation-precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="with --generation: the fast path's precision (auto: bf16 only where the hardware has it)")
+    p.add_argument("--no-compile", action="store_true", help="with --generation: the fast path without compiling")
     p.add_argument("--memory-run", help=argparse.SUPPRESS)  # one process of --sharding-memory
     a = p.parse_args()
     out = Path(a.out)
@@ -97,7 +101,9 @@ def main() -> None:
         cfg = load_config(a.config, a.overrides)
         s = cfg.sample
         report = time_generation(a.generation, s.prompts, sampler=s.sampler, steps=s.num_inference_steps,
-                                 guidance=s.guidance_scale, batch=a.generation_batch, probe_seeds=a.probe_seeds)
+                                 guidance=s.guidance_scale, batch=a.generation_batch, probe_seeds=a.probe_seeds,
+                                 precision=a.generation_precision, compile=not a.no_compile,
+                                 repeats=a.generation_repeats)
         out.mkdir(parents=True, exist_ok=True)
         (out / "generation.json").write_text(json.dumps(report, indent=1))
         print(format_generation(report))
