@@ -104,3 +104,49 @@ def test_benchmark_times_plain_diffusers_against_fast_generate(exported):
     assert report["fast_path"]["compiled"] and report["pixels_max_abs_diff"] <= MAX_LEVELS[
         report["fast_path"]["precision"]]
     assert "ldm.generate(fast=True)" in format_generation(report)
+
+
+@pytest.mark.slow
+def test_fast_unet_runs_frozen_prepacked_kernels_on_cpu(exported):
+    """Weight freezing really happens: the compiled UNet calls oneDNN's convolutions with weights packed ahead of
+    time (what freezing makes of a constant weight), not the plain convolution that reads the parameter each call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ldm.pipeline import load_pipeline, make_fast
+
+    pipe = load_pipeline(exported)
+    make_fast(pipe, precision="fp32")
+    latents = torch.randn(2, pipe.unet.config.in_channels, 8, 8)
+    embeds = torch.randn(2, 4, pipe.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        pipe.unet(latents, 10, embeds)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            pipe.unet(latents, 10, embeds)
+    ops = {event.key for event in prof.key_averages()}
+    assert "mkldnn::_convolution_pointwise" in ops and "aten::mkldnn_convolution" not in ops, sorted(ops)
+
+
+def test_text_keys_values_are_projected_once_per_call(exported):
+    """The fast path projects the text's cross-attention keys and values once per pipeline call (a table), not at
+    every denoising step, and the pictures stay those of the plain pipeline."""
+    from diffusers.models.attention_processor import Attention
+
+    from ldm.pipeline import generate, load_pipeline, make_fast
+
+    kwargs = dict(guidance_scale=3.0, num_inference_steps=4, seed=5, batch_size=2)
+    pipe = load_pipeline(exported)
+    assert make_fast(pipe, compile=False, precision="fp32").text_kv
+    crosses = [m for m in pipe.unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
+    projected = []
+    for module in crosses:
+        module.to_k.register_forward_hook(lambda module, args, out: projected.append(out.shape))
+    fast = generate(pipe, PROMPTS[:2], fast=True, **kwargs)
+    # One table for the one call: each cross-attention's keys once, for both halves of the guided batch.
+    assert crosses and len(projected) == len(crosses) and all(shape[0] == 4 for shape in projected)
+    plain = generate(load_pipeline(exported), PROMPTS[:2], **kwargs)
+    for a, b in zip(_pixels(plain), _pixels(fast)):
+        assert np.abs(a - b).max() <= MAX_LEVELS["fp32"]
+    # Unguided, the UNet's batch is the prompts alone, and so is the table.
+    projected.clear()
+    generate(pipe, PROMPTS[:2], fast=True, **dict(kwargs, guidance_scale=1.0))
+    assert len(projected) == len(crosses) and all(shape[0] == 2 for shape in projected)
