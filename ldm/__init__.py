@@ -1,6 +1,6 @@
 """ldm: latent-diffusion text-to-image training and generation on Hugging Face Diffusers.
 
-Import what you need from the modules (`ldm.train`, `ldm.pipeline`, …); this package import itself
+Import what you need from the modules (`ldm.training.loop`, `ldm.inference.generate`, …); this package import itself
 loads nothing heavy. `ldm.generate(...)` is the one shortcut.
 """
 
@@ -22,7 +22,7 @@ logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNot
 
 
 def generate(*args, **kwargs):
-    """Generate images from a pipeline folder, Hub id or pipeline object; see `ldm.pipeline.generate`."""
-    from ldm.pipeline import generate as _generate
+    """Generate images from a pipeline folder, Hub id or pipeline object; see `ldm.inference.generate.generate`."""
+    from ldm.inference.generate import generate as _generate
 
     return _generate(*args, **kwargs)

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from ldm.config import ConfigError, UserError
+from ldm.data.decode import BadSample, decode_image
+from ldm.errors import ConfigError, UserError
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def run_script(main: Callable[[], None]) -> None:
         raise SystemExit(2) from None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A process of a multi-process launch, its work written and flushed: leave without tearing down the
-        # process group, whose gloo destructor can deadlock (see ldm.train._KEPT_UNTIL_EXIT).
+        # process group, whose gloo destructor can deadlock (see ldm.training.loop._KEPT_UNTIL_EXIT).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -50,8 +51,6 @@ def image_argument(path: Optional[str], flag: str):
     None when the flag was not given. A missing or damaged file is a user error naming the flag."""
     if path is None:
         return None
-    from ldm.sources import BadSample, decode_image
-
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{flag} {path!r}: no such file")

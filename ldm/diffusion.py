@@ -18,10 +18,10 @@ _MASK64 = (1 << 64) - 1
 
 # Generator stream ids: one home, so two uses of the same (seed, position) never share a stream.
 DRAW_STREAM = 0  # noise, timestep, caption dropout, latent sample (draw_samples)
-AUGMENT_STREAM = 1  # crop / flip of the picture (ldm.data)
+AUGMENT_STREAM = 1  # crop / flip of the picture (ldm.data.transforms)
 VALIDATION_STREAM = 2  # the fixed draws of the validation loss
-CAPTION_STREAM = 3  # which caption of a list, and the tag order (ldm.data.caption_for)
-BUCKET_STREAM = 4  # the order of the buckets' batches in an epoch (ldm.data.BucketPlan)
+CAPTION_STREAM = 3  # which caption of a list, and the tag order (ldm.data.transforms.caption_for)
+BUCKET_STREAM = 4  # the order of the buckets' batches in an epoch (ldm.data.buckets.BucketPlan)
 SKETCH_STREAM, STYLE_STREAM = 11, 12  # condition dropout of sketch / style runs
 
 

@@ -10,6 +10,8 @@ from typing import Optional, Sequence
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ldm.errors import ConfigError
+
 
 def to_pil(pixel_values) -> Image.Image:
     """(3, H, W) in [-1, 1] → an RGB PIL image."""
@@ -63,8 +65,6 @@ def check_unused(folder: str | Path) -> None:
     folder = Path(folder)
     earlier = sorted(folder.glob("[0-9][0-9][0-9][0-9]_seed*.png")) + sorted(folder.glob("grid.png"))
     if earlier:
-        from ldm.config import ConfigError
-
         raise ConfigError(f"--out {folder} already holds {len(earlier)} generated images (e.g. {earlier[0].name}); "
                           "choose another folder, or pass --overwrite to replace them")
 

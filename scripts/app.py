@@ -24,9 +24,10 @@ import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
+from ldm.errors import UserError
 from ldm.images import save_png
-from ldm.pipeline import SAMPLERS, generate, load_pipeline
-from ldm.typed_yaml import UserError
+from ldm.inference.generate import generate
+from ldm.inference.pipeline import SAMPLERS, load_pipeline
 
 HERE = Path(__file__).resolve().parent
 SPACE_REQUIREMENTS = ["torch", "diffusers", "transformers", "safetensors", "peft", "gradio>=5",

@@ -30,23 +30,16 @@ import json
 import shutil
 from pathlib import Path
 
-from ldm.autoencoder import save_untrained_autoencoder
-from ldm.benchmark import (
-    format_few_step,
-    format_generation,
-    format_report,
-    format_sharding_memory,
-    memory_run,
-    run_benchmark,
-    save_stand_ins,
-    sharding_memory,
-    time_few_step,
-    time_generation,
-)
 from ldm.cli import argument_parser, run_script
-from ldm.config import ConfigError, load_config
-from ldm.peer import format_peer, run_peer
+from ldm.config.loading import load_config
+from ldm.errors import ConfigError
+from ldm.evaluation.benchmark import format_report, memory_run, run_benchmark
+from ldm.evaluation.generation_speed import format_few_step, format_generation, time_few_step, time_generation
+from ldm.evaluation.memory import format_sharding_memory, sharding_memory
+from ldm.evaluation.peer import format_peer, run_peer
+from ldm.evaluation.stand_ins import save_stand_ins
 from ldm.shapes import write_imagefolder
+from ldm.training.autoencoder import save_untrained_autoencoder
 
 
 def main() -> None:

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from ldm.cache import build_cache, cache_fingerprints
 from ldm.cli import argument_parser, run_script
-from ldm.components import FrozenEncoders, check_components, load_tokenizer
-from ldm.config import load_config
-from ldm.data import SampleStream
-from ldm.sources import open_audited
-from ldm.train import plan_buckets
+from ldm.config.loading import load_config
+from ldm.data.audit import open_audited
+from ldm.data.cache import build_cache, cache_fingerprints
+from ldm.data.stream import SampleStream
+from ldm.models.encoders import FrozenEncoders
+from ldm.models.loading import check_components, load_tokenizer
+from ldm.training.loop import plan_buckets
 
 
 def main() -> None:

@@ -12,14 +12,15 @@ import json
 import time
 from pathlib import Path
 
-from ldm.autoencoder import train_autoencoder
 from ldm.cli import argument_parser, run_script
-from ldm.config import load_config
-from ldm.emoji import DEFAULT_HOLDOUT, write_emoji_folder
-from ldm.evaluation import emoji_probe, format_emoji_scores, save_emoji_probe
+from ldm.config.loading import load_config
+from ldm.data.emoji import DEFAULT_HOLDOUT, write_emoji_folder
+from ldm.evaluation.emoji_probe import emoji_probe, format_emoji_scores, save_emoji_probe
 from ldm.images import save_generations
-from ldm.pipeline import generate, load_pipeline
-from ldm.train import train
+from ldm.inference.generate import generate
+from ldm.inference.pipeline import load_pipeline
+from ldm.training.autoencoder import train_autoencoder
+from ldm.training.loop import train
 
 
 def main() -> None:

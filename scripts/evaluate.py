@@ -19,9 +19,11 @@ import json
 from pathlib import Path
 
 from ldm.cli import run_script
-from ldm.evaluation import encode_images, plot_sweeps, saved_holdout, sweep, sweep_table, validation_loss
-from ldm.pipeline import load_pipeline
+from ldm.evaluation.probes import saved_holdout
+from ldm.evaluation.sweeps import plot_sweeps, sweep, sweep_table
+from ldm.inference.pipeline import load_pipeline
 from ldm.shapes import ShapesDataset
+from ldm.training.validation import encode_images, validation_loss
 
 
 def main() -> None:

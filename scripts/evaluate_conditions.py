@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from ldm.cli import run_script
-from ldm.evaluation import img2img_probe, saved_holdout, sketch_probe, sketch_scores, style_probe
+from ldm.evaluation.probes import img2img_probe, saved_holdout, sketch_probe, sketch_scores, style_probe
 from ldm.images import make_grid, save_png
 
 

@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 
 from ldm.cli import run_script
-from ldm.evaluation import shapes_probe, split_scores
-from ldm.lora import parse_lora
-from ldm.pipeline import load_pipeline
+from ldm.evaluation.probes import shapes_probe, split_scores
+from ldm.inference.pipeline import load_pipeline
+from ldm.interop.lora import parse_lora
 from ldm.shapes import parse_holdout
 
 
@@ -49,7 +49,7 @@ def main() -> None:
         if (Path(path) / "model_index.json").is_file():  # a full fine-tune: its own pipeline
             pipe = load_pipeline(path)
         else:
-            from ldm.lora import load_loras
+            from ldm.interop.lora import load_loras
 
             pipe = load_pipeline(a.base)
             load_loras(pipe, [(path, scale)])

@@ -8,7 +8,8 @@ import argparse
 
 from ldm.cli import image_argument, run_script, text_argument
 from ldm.images import check_unused, save_generations
-from ldm.pipeline import SAMPLERS, generate
+from ldm.inference.generate import generate
+from ldm.inference.pipeline import SAMPLERS
 
 
 def main() -> None:

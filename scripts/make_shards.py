@@ -12,7 +12,7 @@ order, so the shards train to the same weights as the folder and share its laten
 import argparse
 
 from ldm.cli import run_script
-from ldm.shards import write_shards
+from ldm.data.shards import write_shards
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
     python scripts/prepare_emoji.py --out data/emoji --holdout "thumbs up: dark skin tone" --holdout "red heart"
 
 `metadata.jsonl` holds file_name, text (the caption) and base, skin_tone, colour, category, subcategory; the
-held-out captions (default: ldm.emoji.DEFAULT_HOLDOUT) go to `heldout/` instead, in the same layout, and never
+held-out captions (default: ldm.data.emoji.DEFAULT_HOLDOUT) go to `heldout/` instead, in the same layout, and never
 into training. Another style of the same emoji (OpenMoji, the emoji-datasource packages) plugs in with
 --source FOLDER: PNGs named by code points as Twemoji's are (1f44d-1f3ff.png).
 """
@@ -12,7 +12,7 @@ into training. Another style of the same emoji (OpenMoji, the emoji-datasource p
 import argparse
 
 from ldm.cli import run_script
-from ldm.emoji import DEFAULT_HOLDOUT, write_emoji_folder
+from ldm.data.emoji import DEFAULT_HOLDOUT, write_emoji_folder
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
     python scripts/publish.py --model outputs/quickstart/text2img/pipeline --repo-id you/shapes-ldm \
         --eval outputs/quickstart/probe/probe.json --single-file fp16
 The token comes from HF_TOKEN or `hf auth login`; it is never a flag and never printed. Only the
-allow-listed files go up (ldm.hub.ALLOW_PATTERNS); --dry-run lists them and makes no network call.
+allow-listed files go up (ldm.interop.hub.ALLOW_PATTERNS); --dry-run lists them and makes no network call.
 """
 
 import argparse
@@ -12,10 +12,11 @@ import json
 import sys
 
 from ldm.cli import run_script, text_argument
-from ldm.config import load_config
-from ldm.hub import card_is_ldms, check_publishable, publish, upload_plan, write_model_card
-from ldm.pipeline import load_pipeline
-from ldm.single_file import export_single_file
+from ldm.config.loading import load_config
+from ldm.inference.pipeline import load_pipeline
+from ldm.interop.hub import check_publishable, publish, upload_plan
+from ldm.interop.model_card import card_is_ldms, write_model_card
+from ldm.interop.single_file import export_single_file
 
 
 def main() -> None:

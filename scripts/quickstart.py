@@ -12,14 +12,15 @@ import json
 import time
 from pathlib import Path
 
-from ldm.autoencoder import train_autoencoder
 from ldm.cli import argument_parser, run_script
-from ldm.config import load_config
-from ldm.evaluation import format_scores, save_probe, shapes_probe, split_scores
+from ldm.config.loading import load_config
+from ldm.evaluation.probes import format_scores, save_probe, shapes_probe, split_scores
 from ldm.images import save_generations
-from ldm.pipeline import generate, load_pipeline
+from ldm.inference.generate import generate
+from ldm.inference.pipeline import load_pipeline
 from ldm.shapes import parse_holdout
-from ldm.train import train
+from ldm.training.autoencoder import train_autoencoder
+from ldm.training.loop import train
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ The file loads in AUTOMATIC1111 / ComfyUI (CLIP text encoders), in Diffusers' `f
 import argparse
 
 from ldm.cli import run_script
-from ldm.pipeline import load_pipeline
-from ldm.single_file import export_single_file, load_single_file, write_config_folder
+from ldm.inference.pipeline import load_pipeline
+from ldm.interop.single_file import export_single_file, load_single_file, write_config_folder
 
 
 def main() -> None:

@@ -3,9 +3,9 @@
     python scripts/train_autoencoder.py --config configs/quickstart.yaml [autoencoder.max_steps=500 ...]
 """
 
-from ldm.autoencoder import train_autoencoder
 from ldm.cli import argument_parser, run_script
-from ldm.config import load_config
+from ldm.config.loading import load_config
+from ldm.training.autoencoder import train_autoencoder
 
 
 def main() -> None:

@@ -7,9 +7,9 @@
 import json
 
 from ldm.cli import argument_parser, run_script
-from ldm.components import check_components
-from ldm.config import load_config
-from ldm.train import dry_run_report, train
+from ldm.config.loading import load_config
+from ldm.models.loading import check_components
+from ldm.training.loop import dry_run_report, train
 
 
 def main() -> None:

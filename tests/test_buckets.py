@@ -12,9 +12,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides, write_config
-from ldm.config import ConfigError, DataConfig, load_config
-from ldm.data import BucketPlan, SampleStream, bucket_sizes, caption_for, nearest_bucket, plan_buckets
-from ldm.sources import FolderSource, audit
+from ldm.config.loading import load_config
+from ldm.config.schema import DataConfig
+from ldm.data.audit import audit
+from ldm.data.buckets import BucketPlan, bucket_sizes, nearest_bucket, plan_buckets
+from ldm.data.sources import FolderSource
+from ldm.data.stream import SampleStream
+from ldm.data.transforms import caption_for
+from ldm.errors import ConfigError
 from test_resume import _max_diff, _samples, kill_resume_and_compare, train_on_two_processes
 
 # A folder "someone else" captioned kohya-style: portrait, landscape, square, tiny and extreme pictures, each
@@ -171,23 +176,23 @@ def test_config_refuses_a_cached_run_with_shuffled_tags(tmp_path):
 @pytest.fixture(scope="module")
 def bucketed(tiny, folder, tmp_path_factory) -> dict:
     """One uncached 6-step run on the mixed folder, with the latent shape of every micro-batch recorded."""
-    import ldm.train
+    import ldm.training.loop
 
     out = tmp_path_factory.mktemp("bucketed")
     shapes: list[tuple[int, ...]] = []
-    inner = ldm.train.train_step
+    inner = ldm.training.loop.train_step
 
     def recording(trainable, model, scheduler, latents, *args, **kwargs):
         shapes.append(tuple(latents.shape))
         return inner(trainable, model, scheduler, latents, *args, **kwargs)
 
-    ldm.train.train_step = recording
+    ldm.training.loop.train_step = recording
     try:
-        export = ldm.train.train(load_config(None, bucket_overrides(
+        export = ldm.training.loop.train(load_config(None, bucket_overrides(
             tiny, folder, out, "train.max_steps=6", "train.checkpoint_every=6", "train.validate_every=3",
             "train.adam_epsilon=1e-4")), show_progress=False)
     finally:
-        ldm.train.train_step = inner
+        ldm.training.loop.train_step = inner
     return {"out": out, "export": export, "shapes": shapes}
 
 
@@ -210,7 +215,7 @@ def test_every_batch_has_one_shape_from_the_plan(bucketed):
 def test_a_bucketed_model_generates_non_square_through_plain_diffusers(bucketed):
     from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
-    from ldm.pipeline import generate
+    from ldm.inference.generate import generate
 
     pipe = DiffusionPipeline.from_pretrained(bucketed["export"])
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -226,7 +231,7 @@ def test_a_bucketed_model_generates_non_square_through_plain_diffusers(bucketed)
 
 
 def test_cached_buckets_match_on_the_fly_and_rebuild_when_the_plan_changes(tiny, folder, tmp_path, bucketed):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     cache = tmp_path / "cache"
     run = bucket_overrides(tiny, folder, tmp_path / "cached", "train.max_steps=6", "train.checkpoint_every=6",
@@ -237,7 +242,7 @@ def test_cached_buckets_match_on_the_fly_and_rebuild_when_the_plan_changes(tiny,
     assert _max_diff(a, b) <= 1e-5  # the same draws, from cached latent distributions
 
     def keys() -> list[str]:
-        from ldm.cache import mmap_safetensors
+        from ldm.data.cache import mmap_safetensors
 
         shards = cache.glob("latents-*/shard-*.safetensors")
         return [k for p in shards for k in json.loads(mmap_safetensors(p)[1]["keys"])]
@@ -253,7 +258,7 @@ def test_cached_buckets_match_on_the_fly_and_rebuild_when_the_plan_changes(tiny,
 
 @pytest.mark.slow
 def test_buckets_two_processes_match_one_and_resume_exactly(tiny, folder, tmp_path):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     common = lambda out, *x: bucket_overrides(tiny, folder, out, "train.max_steps=3", "train.checkpoint_every=3",  # noqa: E731
                                               "train.adam_epsilon=1e-4", *x)
@@ -274,7 +279,7 @@ def test_buckets_two_processes_match_one_and_resume_exactly(tiny, folder, tmp_pa
 
 
 def test_stream_serves_bucket_sizes(folder):
-    from ldm.sources import open_audited
+    from ldm.data.audit import open_audited
 
     cfg = load_config(None, [f"data.dataset={folder}", "data.resolution=32", "data.buckets.enabled=true"]).data
     stream = SampleStream(open_audited(cfg), cfg, seed=0)

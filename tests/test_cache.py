@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 from conftest import tiny_overrides
-from ldm.cache import build_cache, cache_fingerprints
-from ldm.components import FrozenEncoders
-from ldm.config import load_config
-from ldm.data import SampleStream
-from ldm.sources import open_source
+from ldm.config.loading import load_config
+from ldm.data.cache import build_cache, cache_fingerprints
+from ldm.data.sources import open_source
+from ldm.data.stream import SampleStream
+from ldm.models.encoders import FrozenEncoders
 
 
 def _shard_keys(cache: Path, kind: str) -> dict[str, list[str]]:
@@ -101,7 +101,7 @@ def test_interrupted_build_resumes_and_processes_split_the_work(tiny, tmp_path, 
 
 
 def test_training_from_a_complete_cache_loads_no_encoder(tiny, tmp_path, capsys):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     over = tiny_overrides(tiny, tmp_path) + ["data.cache=true", f"data.cache_dir={tmp_path / 'cache'}",
                                              "train.validate_every=0"]

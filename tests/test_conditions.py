@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from ldm.config import ConfigError, load_config
+from ldm.config.loading import load_config
+from ldm.errors import ConfigError
 from ldm.shapes import ShapeSpec, render
 
 PROMPTS = ["a red circle in the center", "a blue square on the left"]
@@ -21,7 +22,7 @@ PROMPTS = ["a red circle in the center", "a blue square on the left"]
 
 @pytest.fixture(scope="module")
 def text_model(tiny, tmp_path_factory) -> Path:
-    from ldm.train import train
+    from ldm.training.loop import train
 
     out = tmp_path_factory.mktemp("text_model")
     return train(load_config(None, tiny_overrides(tiny, out) + ["train.max_steps=3"]), show_progress=False)
@@ -30,7 +31,7 @@ def text_model(tiny, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def sketch_model(text_model, tmp_path_factory) -> Path:
     """A 3-step ControlNet run on the text model, from the cache, with checkpoints."""
-    from ldm.train import train
+    from ldm.training.loop import train
 
     out = tmp_path_factory.mktemp("sketch_model")
     cfg = load_config(None, _sketch_overrides(text_model, out) + [f"data.cache_dir={out / 'cache'}",
@@ -47,7 +48,7 @@ def _sketch_overrides(text_model: Path, out: Path) -> list[str]:
 
 
 def test_sketch_is_the_outline_whatever_the_colour():
-    from ldm.conditions import sketch_image
+    from ldm.models.conditions import sketch_image
 
     counts = []
     for colour in ("yellow", "blue", "red"):
@@ -61,7 +62,8 @@ def test_sketch_is_the_outline_whatever_the_colour():
 def test_img2img_matches_plain_diffusers_and_checks_its_arguments(text_model):
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from ldm.pipeline import generate, make_scheduler
+    from ldm.inference.generate import generate
+    from ldm.inference.pipeline import make_scheduler
 
     init = render(ShapeSpec("red", "circle", "center"), 16)
     ours = generate(text_model, PROMPTS, init_image=init, strength=0.5, num_inference_steps=4, guidance_scale=3.0,
@@ -84,8 +86,9 @@ def test_img2img_matches_plain_diffusers_and_checks_its_arguments(text_model):
 def test_sketch_run_exports_a_controlnet_pipeline_that_plain_diffusers_reproduces(sketch_model):
     from diffusers import DiffusionPipeline, StableDiffusionControlNetPipeline
 
-    from ldm.conditions import sketch_image
-    from ldm.pipeline import generate, make_scheduler
+    from ldm.inference.generate import generate
+    from ldm.inference.pipeline import make_scheduler
+    from ldm.models.conditions import sketch_image
 
     run = sketch_model.parent
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "step_000003"
@@ -116,12 +119,12 @@ def test_sketch_run_exports_a_controlnet_pipeline_that_plain_diffusers_reproduce
 
 def test_sketch_run_resumes_from_its_checkpoint_and_cache(sketch_model, tmp_path):
     """Resuming a sketch run restores the ControlNet; cached and freshly computed sketches agree."""
-    from ldm.cache import build_cache, cache_fingerprints
-    from ldm.components import FrozenEncoders
-    from ldm.conditions import sketch_from_pixels
-    from ldm.data import SampleStream
-    from ldm.sources import open_source
-    from ldm.train import train
+    from ldm.data.cache import build_cache, cache_fingerprints
+    from ldm.data.sources import open_source
+    from ldm.data.stream import SampleStream
+    from ldm.models.conditions import sketch_from_pixels
+    from ldm.models.encoders import FrozenEncoders
+    from ldm.training.loop import train
 
     run = sketch_model.parent
     cfg = load_config(run / "config.yaml", ["train.max_steps=4", "train.resume=latest"])
@@ -145,7 +148,7 @@ def test_sketch_needs_a_trained_text_model():
 
 
 def test_probes_score_img2img_and_sketches(text_model, sketch_model):
-    from ldm.evaluation import img2img_probe, sketch_probe, sketch_scores
+    from ldm.evaluation.probes import img2img_probe, sketch_probe, sketch_scores
     from ldm.shapes import all_specs
 
     specs = all_specs()[::27]  # 8 combinations
@@ -161,8 +164,8 @@ def test_probes_score_img2img_and_sketches(text_model, sketch_model):
 
 
 def test_generate_script_takes_an_init_image_and_a_sketch(text_model, sketch_model, tmp_path):
-    from ldm.conditions import sketch_image
-    from ldm.evaluation import saved_holdout
+    from ldm.evaluation.probes import saved_holdout
+    from ldm.models.conditions import sketch_image
 
     picture = render(ShapeSpec("red", "circle", "center"), 16)
     picture.save(tmp_path / "input.png")
@@ -183,7 +186,7 @@ def test_generate_script_takes_an_init_image_and_a_sketch(text_model, sketch_mod
 @pytest.fixture(scope="module")
 def style_model(tiny, tmp_path_factory) -> Path:
     """A text model on styled shapes (white / grey / dark backgrounds), then a 3-step style adapter on it."""
-    from ldm.train import train
+    from ldm.training.loop import train
 
     root = tmp_path_factory.mktemp("style")
     styled = ["data.shapes.styles=[white, grey, dark]"]
@@ -203,7 +206,8 @@ def test_style_run_exports_an_ip_adapter_that_plain_diffusers_reproduces(style_m
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from ldm.pipeline import generate, make_scheduler
+    from ldm.inference.generate import generate
+    from ldm.inference.pipeline import make_scheduler
 
     run = style_model.parent
     assert (run / "checkpoints" / "step_000003" / "style_adapter.safetensors").is_file()
@@ -248,7 +252,7 @@ def test_style_references_share_the_style_not_the_content():
 
 
 def test_style_probe_and_generate_script(style_model, tmp_path):
-    from ldm.evaluation import style_probe
+    from ldm.evaluation.probes import style_probe
     from ldm.shapes import all_specs
 
     scores, grids = style_probe(style_model, specs=all_specs()[::27], num_inference_steps=2)
@@ -285,7 +289,7 @@ def test_conditions_train_on_two_processes(condition, text_model, style_model, t
     name = "controlnet" if condition == "sketch" else "style_adapter"
     assert (tmp_path / "run" / "checkpoints" / "step_000003" / f"{name}.safetensors").is_file()
     # and the run resumes from its checkpoint on one process, at the same global batch (2 × 4 = 1 × 8)
-    from ldm.train import train
+    from ldm.training.loop import train
 
     train(load_config(config, ["train.max_steps=4", "train.resume=latest", "train.batch_size=8"]), show_progress=False)
     assert (tmp_path / "run" / "checkpoints" / "step_000004" / f"{name}.safetensors").is_file()

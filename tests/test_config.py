@@ -6,8 +6,11 @@ import pytest
 import yaml
 
 from conftest import tiny_overrides
-from ldm.components import check_components
-from ldm.config import Config, ConfigError, load_config, parse_override, save_config
+from ldm.config.loading import load_config, save_config
+from ldm.config.schema import Config
+from ldm.config.typed_yaml import parse_override
+from ldm.errors import ConfigError
+from ldm.models.loading import check_components
 
 
 def test_defaults_are_the_sd15_recipe_and_valid():
@@ -98,7 +101,7 @@ def test_missing_vae_folder_points_to_stage_1(tiny, tmp_path):
 
 
 def test_missing_caption_column_lists_the_columns(write_imagefolder):
-    from ldm.sources import open_source
+    from ldm.data.sources import open_source
 
     folder = write_imagefolder(caption_column="caption")
     cfg = load_config(None, [f"data.dataset={folder}", "data.caption_column=text"])
@@ -108,8 +111,8 @@ def test_missing_caption_column_lists_the_columns(write_imagefolder):
 
 
 def test_uncached_hub_id_fails_with_one_clear_offline_message(monkeypatch, recwarn):
-    from ldm.components import load_vae
-    from ldm.config import VAEConfig
+    from ldm.config.schema import VAEConfig
+    from ldm.models.loading import load_vae
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError) as err:

@@ -7,9 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.config import load_config
-from ldm.data import SampleStream, prepare_image, to_rgb
-from ldm.sources import open_source
+from ldm.config.loading import load_config
+from ldm.data.decode import to_rgb
+from ldm.data.sources import open_source
+from ldm.data.stream import SampleStream
+from ldm.data.transforms import prepare_image
 
 
 def test_imagefolder_with_custom_caption_column(write_imagefolder):
@@ -25,7 +27,7 @@ def test_imagefolder_with_custom_caption_column(write_imagefolder):
 
 
 def test_imagefolder_without_metadata_is_rejected(tmp_path):
-    from ldm.config import ConfigError
+    from ldm.errors import ConfigError
 
     (tmp_path / "a.png").write_bytes(b"")
     cfg = load_config(None, [f"data.dataset={tmp_path}"])

@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from ldm.components import build_scheduler
-from ldm.config import SchedulerConfig
-from ldm.data import StreamBatches
+from ldm.config.schema import SchedulerConfig
+from ldm.data.stream import StreamBatches
 from ldm.diffusion import (
     ddpm_reverse_step,
     draw_samples,
@@ -19,7 +18,8 @@ from ldm.diffusion import (
     snr,
     training_target,
 )
-from ldm.pipeline import make_scheduler
+from ldm.inference.pipeline import make_scheduler
+from ldm.models.building import build_scheduler
 
 
 def betas_from_formula(schedule: str, n: int = 1000, start: float = 0.00085, end: float = 0.012) -> torch.Tensor:
@@ -148,7 +148,7 @@ def test_validation_loss_of_a_zero_prediction_is_the_noise_power():
     """A model predicting ε̂ = 0 has loss E‖ε‖² = 1 (per element) in every bucket."""
     from types import SimpleNamespace
 
-    from ldm.evaluation import validation_loss
+    from ldm.training.validation import validation_loss
 
     class Zero(torch.nn.Module):
         def __init__(self):
@@ -168,7 +168,7 @@ def test_validation_loss_does_not_depend_on_the_sampler_it_is_given():
     """Any scheduler config of the model gives the same loss: noising always uses q(x_t|x_0)."""
     from types import SimpleNamespace
 
-    from ldm.evaluation import validation_loss
+    from ldm.training.validation import validation_loss
 
     class Echo(torch.nn.Module):  # predicts ε̂ = x_t: good at high t, wrong at low t
         def __init__(self):

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides, write_config
-from ldm.config import ConfigError, load_config
+from ldm.config.loading import load_config
+from ldm.errors import ConfigError
 from test_resume import _max_diff, kill_resume_and_compare, train_on_two_processes
 
 PROMPTS = ["a red circle in the center", "a blue square on the left"]
@@ -114,8 +115,8 @@ def test_v_prediction_converts_to_the_same_x0_and_eps():
 def test_consistency_loss_is_the_formula_on_a_real_step(tiny, tmp_path):
     """The trainable's loss, recomputed here from the formulas with separate UNet calls: student
     f(x_t, t_n), teacher guided ε̂ → DDIM to t_{n−1} → target f⁻(x_s, t_{n−1}), pseudo-Huber."""
-    from ldm.components import build_scheduler
-    from ldm.distillation import ConsistencyDistillation
+    from ldm.models.building import build_scheduler
+    from ldm.training.trainables.distillation import ConsistencyDistillation
 
     teacher_dir = _teacher(tiny, tmp_path)
     cfg = load_config(None, _distill_overrides(teacher_dir, tmp_path / "run", "distill.guidance_scale=2.5"))
@@ -167,8 +168,8 @@ def test_bf16_frozen_forwards_keep_the_loss_and_the_students_fp32_gradients(tiny
     float32 and point the same way (cosine > 0.97: the target's bf16 rounding is noise on a small residual)."""
     from diffusers import UNet2DConditionModel
 
-    from ldm.components import build_scheduler
-    from ldm.distillation import ConsistencyDistillation
+    from ldm.models.building import build_scheduler
+    from ldm.training.trainables.distillation import ConsistencyDistillation
 
     teacher_dir = _teacher(tiny, tmp_path)
     g = torch.Generator().manual_seed(3)
@@ -220,7 +221,7 @@ def test_config_errors_name_the_key(tiny, tmp_path):
 
 
 def _teacher(tiny, root: Path) -> Path:
-    from ldm.train import train
+    from ldm.training.loop import train
 
     out = root / "teacher"
     if (out / "pipeline" / "model_index.json").is_file():
@@ -244,7 +245,7 @@ def teacher(tiny, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def student(teacher, tmp_path_factory) -> Path:
-    from ldm.train import train
+    from ldm.training.loop import train
 
     out = tmp_path_factory.mktemp("lcm_student")
     return train(load_config(None, _distill_overrides(teacher, out)), show_progress=False)
@@ -268,7 +269,7 @@ def test_a_two_step_distillation_checkpoints_student_and_target(teacher, student
 def test_plain_diffusers_samples_the_export_as_ldm_generate_with_lcm(student):
     from diffusers import DiffusionPipeline, LCMScheduler
 
-    from ldm.pipeline import generate
+    from ldm.inference.generate import generate
 
     ours = generate(student, PROMPTS, sampler="lcm", num_inference_steps=2, guidance_scale=1.0, seed=5)
     pipe = DiffusionPipeline.from_pretrained(student)
@@ -293,8 +294,8 @@ def test_distillation_resumes_exactly_after_sigkill(teacher, tmp_path):
 def test_lcm_lora_trains_only_adapters_and_loads_in_plain_diffusers(teacher, tmp_path):
     from diffusers import DiffusionPipeline, LCMScheduler
 
-    from ldm.pipeline import generate
-    from ldm.train import train
+    from ldm.inference.generate import generate
+    from ldm.training.loop import train
 
     out = tmp_path / "lcm_lora"
     folder = train(load_config(None, _distill_overrides(teacher, out, "lora.enabled=true", "lora.rank=4",
@@ -316,7 +317,7 @@ def test_lcm_lora_trains_only_adapters_and_loads_in_plain_diffusers(teacher, tmp
 
 @pytest.mark.slow
 def test_distillation_on_two_processes_matches_one(teacher, tmp_path):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     # L2 and adam_epsilon 1e-4: all-reduce sums in another order than one batch (fp32 noise, test_resume says
     # why Adam amplifies it where |g| ≈ ε), and the pseudo-Huber gradient d/√(d² + c²) has curvature 1/c = 1000

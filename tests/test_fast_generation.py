@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from ldm.config import ConfigError, load_config
+from ldm.config.loading import load_config
+from ldm.errors import ConfigError
 
 PROMPTS = ["a red circle in the center", "a blue square on the left", "a green cross at the top"]
 # fp32 with frozen, pre-packed weights sums in another order: a few 8-bit levels at most after 4 steps. bf16
@@ -20,7 +21,7 @@ MEAN_LEVELS = {"fp32": 0.5, "bf16": 4.0}
 
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     out = tmp_path_factory.mktemp("fast")
     return train(load_config(None, tiny_overrides(tiny, out) + ["train.max_steps=2"]), show_progress=False)
@@ -34,7 +35,8 @@ def _pixels(results) -> list[np.ndarray]:
 def test_fast_generation_matches_plain_and_compiles_once(exported):
     from torch._dynamo.utils import counters
 
-    from ldm.pipeline import generate, load_pipeline
+    from ldm.inference.generate import generate
+    from ldm.inference.pipeline import load_pipeline
 
     kwargs = dict(guidance_scale=3.0, num_inference_steps=4, seed=5, batch_size=2)
     plain = generate(load_pipeline(exported), PROMPTS, **kwargs)
@@ -62,7 +64,7 @@ def test_fast_generation_matches_plain_and_compiles_once(exported):
 
 
 def test_fast_generation_refuses_loras(exported, tmp_path):
-    from ldm.pipeline import generate
+    from ldm.inference.generate import generate
 
     with pytest.raises(ConfigError, match="fast=True"):
         generate(exported, PROMPTS[:1], fast=True, loras=[str(tmp_path / "any.safetensors")], num_inference_steps=1)
@@ -70,7 +72,9 @@ def test_fast_generation_refuses_loras(exported, tmp_path):
 
 def test_bf16_path_stays_near_fp32_and_hands_the_scheduler_fp32(exported):
     """bf16 autocast of the UNet (forced here: on an AVX2-only CPU it is emulated, slow but the same arithmetic)."""
-    from ldm.pipeline import generate, load_pipeline, make_fast
+    from ldm.inference.fast import make_fast
+    from ldm.inference.generate import generate
+    from ldm.inference.pipeline import load_pipeline
 
     kwargs = dict(guidance_scale=3.0, num_inference_steps=4, seed=5, batch_size=2)
     pipe = load_pipeline(exported)
@@ -88,14 +92,14 @@ def test_bf16_path_stays_near_fp32_and_hands_the_scheduler_fp32(exported):
 
 
 def test_native_bf16_follows_the_cpu():
-    from ldm.pipeline import native_bf16
+    from ldm.inference.fast import native_bf16
 
     assert native_bf16("cpu") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @pytest.mark.slow
 def test_benchmark_times_plain_diffusers_against_fast_generate(exported):
-    from ldm.benchmark import format_generation, time_generation
+    from ldm.evaluation.generation_speed import format_generation, time_generation
 
     report = time_generation(str(exported), PROMPTS, steps=2, batch=2, repeats=1)
     for name in ("plain", "fast"):
@@ -112,7 +116,8 @@ def test_fast_unet_runs_frozen_prepacked_kernels_on_cpu(exported):
     time (what freezing makes of a constant weight), not the plain convolution that reads the parameter each call."""
     from torch.profiler import ProfilerActivity, profile
 
-    from ldm.pipeline import load_pipeline, make_fast
+    from ldm.inference.fast import make_fast
+    from ldm.inference.pipeline import load_pipeline
 
     pipe = load_pipeline(exported)
     make_fast(pipe, precision="fp32")
@@ -131,7 +136,9 @@ def test_text_keys_values_are_projected_once_per_call(exported):
     every denoising step, and the pictures stay those of the plain pipeline."""
     from diffusers.models.attention_processor import Attention
 
-    from ldm.pipeline import generate, load_pipeline, make_fast
+    from ldm.inference.fast import make_fast
+    from ldm.inference.generate import generate
+    from ldm.inference.pipeline import load_pipeline
 
     kwargs = dict(guidance_scale=3.0, num_inference_steps=4, seed=5, batch_size=2)
     pipe = load_pipeline(exported)

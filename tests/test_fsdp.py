@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides, write_config
-from ldm.config import ConfigError, load_config, read_yaml
+from ldm.config.loading import load_config, read_yaml
+from ldm.errors import ConfigError
 from test_resume import LAUNCHER, ROOT, _env, _max_diff, _samples
 
 pytestmark = pytest.mark.slow
@@ -164,7 +165,7 @@ class _Launch:
 def test_accelerates_own_fsdp_plugin_is_refused_with_the_way_to_shard(tiny, tmp_path):
     from accelerate.utils import DistributedType
 
-    from ldm.sharding import check_launch
+    from ldm.training.sharding import check_launch
 
     cfg = load_config(None, tiny_overrides(tiny, tmp_path))
     with pytest.raises(ConfigError, match="train.sharding=fsdp"):
@@ -175,7 +176,7 @@ def test_accelerates_own_fsdp_plugin_is_refused_with_the_way_to_shard(tiny, tmp_
 def test_the_shipped_deepspeed_config_is_validated_against_the_run(tiny, tmp_path):
     from accelerate.utils import DistributedType
 
-    from ldm.sharding import check_launch
+    from ldm.training.sharding import check_launch
 
     ds = read_yaml(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml")["deepspeed_config"]
     base = tiny_overrides(tiny, tmp_path)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_overrides
-from ldm.config import load_config
+from ldm.config.loading import load_config
 
 FORMATS = {"PNG": {}, "JPEG": {}, "GIF": {}, "BMP": {}, "TIFF": {"compression": "tiff_lzw"}, "WEBP": {},
            "DDS": {}, "TGA": {}, "ICO": {}, "PPM": {}, "PCX": {}, "JPEG2000": {}}
@@ -53,8 +53,7 @@ def mutate(data: bytes, r: random.Random) -> bytes:
 
 
 def test_thousands_of_damaged_images_in_a_dozen_formats_raise_only_bad_sample():
-    from ldm.data import to_rgb
-    from ldm.sources import BadSample, decode_image
+    from ldm.data.decode import BadSample, decode_image, to_rgb
 
     originals = _originals()
     assert len(originals) >= 8
@@ -83,8 +82,8 @@ def test_a_run_whose_files_are_damaged_after_the_audit_finishes(tiny, tmp_path, 
     loss all skip them, and the run exports its pipeline."""
     import json
 
-    import ldm.train
-    from ldm.sources import open_audited
+    import ldm.training.loop
+    from ldm.data.audit import open_audited
 
     originals = _originals()
     folder = tmp_path / "data"
@@ -107,8 +106,7 @@ def test_a_run_whose_files_are_damaged_after_the_audit_finishes(tiny, tmp_path, 
             while True:  # a mutation the decoder refuses (some still decode: those are not damage)
                 damaged = mutate(data, r)
                 try:
-                    from ldm.data import to_rgb
-                    from ldm.sources import BadSample, decode_image
+                    from ldm.data.decode import BadSample, decode_image, to_rgb
 
                     to_rgb(decode_image(damaged, name), name)
                 except BadSample:
@@ -116,11 +114,11 @@ def test_a_run_whose_files_are_damaged_after_the_audit_finishes(tiny, tmp_path, 
             (folder / name).write_bytes(damaged)
         return source
 
-    monkeypatch.setattr(ldm.train, "open_audited", audit_then_damage)
+    monkeypatch.setattr(ldm.training.loop, "open_audited", audit_then_damage)
     cfg = load_config(None, tiny_overrides(tiny, tmp_path / "run") + [
         f"data.dataset={folder}", f"data.cache={str(cache).lower()}", f"data.cache_dir={tmp_path / 'cache'}",
         "data.validation_images=6", "train.max_steps=4", "train.batch_size=8"])
-    exported = ldm.train.train(cfg, show_progress=False)
+    exported = ldm.training.loop.train(cfg, show_progress=False)
     assert (exported / "model_index.json").is_file()
     out = capsys.readouterr().out
     assert "validation: skipping held-back sample" in out and "held-back images" in out

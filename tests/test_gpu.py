@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import _tiny_clip, _tiny_vae, tiny_overrides
-from ldm.config import load_config
+from ldm.config.loading import load_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -24,8 +24,9 @@ def components(tmp_path_factory) -> dict:
 def test_bf16_autocast_loss_and_gradients_track_fp32(components, tmp_path):
     """One training batch of a small SD-shaped UNet: the bf16 loss within 2 % of fp32 and the gradient's
     direction within cos > 0.99 (bf16 keeps 8 bits of mantissa; the weights and optimizer stay fp32)."""
-    from ldm.components import build_scheduler, build_unet, check_components
-    from ldm.train import train_step
+    from ldm.models.building import build_scheduler, build_unet
+    from ldm.models.loading import check_components
+    from ldm.training.loop import train_step
 
     cfg = load_config(None, tiny_overrides(components, tmp_path, "clip") + [
         "model.unet.block_out_channels=[64, 128]", "model.unet.norm_num_groups=32", "data.resolution=32"])
@@ -56,7 +57,7 @@ def test_bf16_training_on_gpu_caches_checkpoints_exports_and_generates(component
     Diffusers on the GPU and gives finite images; the cache-built run never loaded the encoders to train."""
     from diffusers import DiffusionPipeline
 
-    from ldm.train import train
+    from ldm.training.loop import train
 
     cfg = load_config(None, tiny_overrides(components, tmp_path / "run", "clip") + [
         "train.mixed_precision=bf16", "train.channels_last=true", "train.ema_decay=0.9", "train.max_steps=6",

@@ -20,13 +20,14 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import tiny_overrides
-from ldm.config import ConfigError, load_config
+from ldm.config.loading import load_config
+from ldm.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
 def run(tiny, tmp_path_factory) -> Path:
     """A finished tiny run (2 steps, checkpoints at 1 and 2): its output folder."""
-    from ldm.train import train
+    from ldm.training.loop import train
 
     out = tmp_path_factory.mktemp("hardening") / "run"
     train(load_config(None, tiny_overrides(tiny, out) + ["train.checkpoint_every=1"]), show_progress=False)
@@ -50,7 +51,7 @@ def _copy_run(run: Path, tmp_path: Path) -> Path:
 
 
 def test_every_checkpoint_file_planted_at_every_level_stays_off_the_upload_plan(run, tmp_path):
-    from ldm.hub import upload_plan
+    from ldm.interop.hub import upload_plan
 
     pipeline = _copy_run(run, tmp_path) / "pipeline"
     checkpoint = sorted((run / "checkpoints").iterdir())[-1]
@@ -76,7 +77,7 @@ def test_every_checkpoint_file_planted_at_every_level_stays_off_the_upload_plan(
 
 
 def test_publish_refuses_a_checkpoint_and_a_run_folder(run):
-    from ldm.hub import publish
+    from ldm.interop.hub import publish
 
     with pytest.raises(ConfigError, match="training checkpoint: publish the run's pipeline/ or lora/"):
         publish(sorted((run / "checkpoints").iterdir())[-1], "me/model", api=object())
@@ -85,7 +86,8 @@ def test_publish_refuses_a_checkpoint_and_a_run_folder(run):
 
 
 def test_no_absolute_local_path_reaches_an_uploaded_file(run, tmp_path):
-    from ldm.hub import publish, write_model_card
+    from ldm.interop.hub import publish
+    from ldm.interop.model_card import write_model_card
 
     pipeline = _copy_run(run, tmp_path) / "pipeline"
     cfg = load_config(pipeline / "ldm_config.yaml")
@@ -119,7 +121,7 @@ def load_config_text(text: str, tmp_path: Path):
 
 
 def test_a_hand_written_or_edited_card_is_kept_and_ldms_own_is_regenerated(run, tmp_path, capsys):
-    from ldm.hub import write_model_card
+    from ldm.interop.model_card import write_model_card
 
     pipeline = _copy_run(run, tmp_path) / "pipeline"
     cfg = load_config(pipeline / "ldm_config.yaml")
@@ -143,12 +145,12 @@ def test_a_hand_written_or_edited_card_is_kept_and_ldms_own_is_regenerated(run, 
 
 
 def test_a_fresh_run_into_a_used_folder_stops_before_training_and_touches_nothing(tiny, run, tmp_path, monkeypatch):
-    import ldm.train
-    from ldm.train import train
+    import ldm.training.loop
+    from ldm.training.loop import train
 
     out = _copy_run(run, tmp_path)
     before = _snapshot(out)
-    monkeypatch.setattr(ldm.train, "open_audited", lambda *a, **k: pytest.fail("data was opened"))
+    monkeypatch.setattr(ldm.training.loop, "open_audited", lambda *a, **k: pytest.fail("data was opened"))
     with pytest.raises(ConfigError) as err:
         train(load_config(None, tiny_overrides(tiny, out) + ["train.seed=5"]), show_progress=False)
     text = str(err.value)
@@ -158,8 +160,8 @@ def test_a_fresh_run_into_a_used_folder_stops_before_training_and_touches_nothin
 
 
 def test_overwrite_output_dir_clears_only_what_ldm_wrote(tiny, run, tmp_path):
-    from ldm.checkpoint import complete_checkpoints
-    from ldm.train import train
+    from ldm.training.checkpoint import complete_checkpoints
+    from ldm.training.loop import train
 
     out = _copy_run(run, tmp_path)
     (out / "my_notes.txt").write_text("mine")
@@ -172,7 +174,7 @@ def test_overwrite_output_dir_clears_only_what_ldm_wrote(tiny, run, tmp_path):
 
 
 def test_fine_tuning_a_pipeline_into_its_own_run_folder_is_refused_even_with_overwrite(tiny, run, tmp_path):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     out = _copy_run(run, tmp_path)
     before = _snapshot(out / "pipeline")
@@ -186,7 +188,7 @@ def test_fine_tuning_a_pipeline_into_its_own_run_folder_is_refused_even_with_ove
 
 def test_generations_never_overwrite_earlier_ones_without_asking(tmp_path):
     from ldm.images import check_unused, save_generations
-    from ldm.pipeline import Generated
+    from ldm.inference.generate import Generated
 
     results = [Generated(Image.new("RGB", (8, 8), "red"), "a", 0, {"prompt": "a"})]
     save_generations(results, tmp_path / "out")
@@ -200,7 +202,7 @@ def test_generations_never_overwrite_earlier_ones_without_asking(tmp_path):
 
 
 def test_stage_1_into_a_folder_holding_a_vae_stops_unless_asked(tiny, tmp_path):
-    from ldm.autoencoder import train_autoencoder
+    from ldm.training.autoencoder import train_autoencoder
 
     vae = tmp_path / "vae"
     shutil.copytree(tiny["vae"], vae)
@@ -218,7 +220,7 @@ def test_stage_1_into_a_folder_holding_a_vae_stops_unless_asked(tiny, tmp_path):
 
 
 def _resume(tiny, out: Path, *extra: str):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     return train(load_config(None, tiny_overrides(tiny, out) + ["train.resume=latest", "train.checkpoint_every=1",
                                                                 *extra]), show_progress=False)
@@ -248,11 +250,11 @@ def test_a_changed_learning_rate_and_ema_decay_are_applied_and_recorded(tiny, ru
 ])
 def test_a_change_a_resume_cannot_apply_is_refused_before_any_data_or_model(tiny, run, tmp_path, monkeypatch,
                                                                              override, key):
-    import ldm.train
+    import ldm.training.loop
 
     out = _copy_run(run, tmp_path)
     before = _snapshot(out)
-    monkeypatch.setattr(ldm.train, "open_audited", lambda *a, **k: pytest.fail("data was opened"))
+    monkeypatch.setattr(ldm.training.loop, "open_audited", lambda *a, **k: pytest.fail("data was opened"))
     with pytest.raises(ConfigError) as err:
         _resume(tiny, out, "train.max_steps=3", override)
     assert key in str(err.value) and "set them back to resume it, or start a new run" in str(err.value)
@@ -276,9 +278,10 @@ def test_a_damaged_state_json_is_named(tiny, run, tmp_path, damage):
 
 
 def test_checkpoint_weights_of_another_architecture_are_named_not_a_size_mismatch_dump(tiny, run):
-    from ldm.checkpoint import _check_shapes
-    from ldm.components import build_unet, check_components
-    from ldm.trainable import build_trainable
+    from ldm.models.building import build_unet
+    from ldm.models.loading import check_components
+    from ldm.training.checkpoint import _check_shapes
+    from ldm.training.trainables import build_trainable
 
     cfg = load_config(None, tiny_overrides(tiny, run) + ["model.unet.block_out_channels=[8, 16]"])
     vae, text = check_components(cfg)
@@ -294,9 +297,9 @@ def test_checkpoint_weights_of_another_architecture_are_named_not_a_size_mismatc
 
 def test_files_that_break_after_the_audit_never_abort_a_cached_run_or_its_validation(tiny, tmp_path, monkeypatch,
                                                                                       capsys):
-    import ldm.train
+    import ldm.training.loop
+    from ldm.data.audit import open_audited
     from ldm.shapes import write_imagefolder
-    from ldm.sources import open_audited
 
     folder = write_imagefolder(tmp_path / "data", 24, 16)
     audited = {}
@@ -309,11 +312,11 @@ def test_files_that_break_after_the_audit_never_abort_a_cached_run_or_its_valida
         audited["report"] = source.report
         return source
 
-    monkeypatch.setattr(ldm.train, "open_audited", audit_then_break)
+    monkeypatch.setattr(ldm.training.loop, "open_audited", audit_then_break)
     cfg = load_config(None, tiny_overrides(tiny, tmp_path / "run") + [
         f"data.dataset={folder}", "data.cache=true", f"data.cache_dir={tmp_path / 'cache'}",
         "data.validation_images=4", "train.max_steps=6"])
-    exported = ldm.train.train(cfg, show_progress=False)
+    exported = ldm.training.loop.train(cfg, show_progress=False)
     out = capsys.readouterr().out
     assert audited["report"].bad_fraction == 0 and (exported / "model_index.json").is_file()
     assert out.count("went bad after the audit") == 3 and "validation: skipping held-back sample" in out
@@ -328,7 +331,7 @@ def test_files_that_break_after_the_audit_never_abort_a_cached_run_or_its_valida
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage header", "wrong row count"])
 def test_a_damaged_cache_shard_is_named_with_the_fix(tmp_path, damage):
-    from ldm.cache import ShardStore
+    from ldm.data.cache import ShardStore
 
     folder = tmp_path / "latents-x"
     folder.mkdir()
@@ -346,7 +349,7 @@ def test_a_damaged_cache_shard_is_named_with_the_fix(tmp_path, damage):
 def test_unreadable_exif_keeps_the_pixels_and_says_so(tmp_path, monkeypatch):
     from PIL import ImageOps
 
-    from ldm.sources import decode_image
+    from ldm.data.decode import decode_image
 
     Image.new("RGB", (24, 30), "blue").save(tmp_path / "a.jpg")
 
@@ -372,8 +375,7 @@ def test_unreadable_exif_keeps_the_pixels_and_says_so(tmp_path, monkeypatch):
     ("F", 200.0, 200),  # float in [0, 255]
 ])
 def test_high_bit_depth_pixels_keep_their_brightness(mode, values, expected, tmp_path):
-    from ldm.data import to_rgb
-    from ldm.sources import decode_image
+    from ldm.data.decode import decode_image, to_rgb
 
     dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
     arr = np.full((8, 8), values, dtype)
@@ -390,8 +392,7 @@ def test_high_bit_depth_pixels_keep_their_brightness(mode, values, expected, tmp
                                             (300.0, "float pixels beyond 255"),
                                             (float("nan"), "F pixels outside the displayable range")])
 def test_float_pixels_without_a_reading_are_skipped_not_guessed(values, reason):
-    from ldm.data import to_rgb
-    from ldm.sources import BadSample
+    from ldm.data.decode import BadSample, to_rgb
 
     with pytest.raises(BadSample, match=reason):
         to_rgb(Image.fromarray(np.full((4, 4), values, np.float32)), "x.tiff")
@@ -399,7 +400,7 @@ def test_float_pixels_without_a_reading_are_skipped_not_guessed(values, reason):
 
 def test_generation_inputs_are_prepared_as_training_prepares_pictures(tmp_path):
     from ldm.cli import image_argument
-    from ldm.pipeline import as_rgb
+    from ldm.inference.generate import as_rgb
 
     rgba = Image.new("RGBA", (8, 6), (255, 0, 0, 0))
     rgba.putpixel((0, 0), (255, 0, 0, 255))
@@ -432,7 +433,8 @@ def _folder(tmp_path: Path, n: int = 4) -> Path:
 
 
 def _open(folder: Path, *overrides: str):
-    from ldm.sources import audit, open_source
+    from ldm.data.audit import audit
+    from ldm.data.sources import open_source
 
     cfg = load_config(None, [f"data.dataset={folder}", "data.resolution=16", "data.max_bad_fraction=1", *overrides])
     source = open_source(cfg.data)
@@ -560,7 +562,7 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
 
 
 def test_component_paths_that_point_at_the_wrong_component_are_named(tiny, tmp_path):
-    from ldm.components import check_components
+    from ldm.models.loading import check_components
 
     with pytest.raises(ConfigError, match=r"model.vae.path: .* holds a BertModel, not an AutoencoderKL"):
         check_components(load_config(None, tiny_overrides(tiny, tmp_path) + [f"model.vae.path={tiny['bert']}"]))
@@ -569,7 +571,7 @@ def test_component_paths_that_point_at_the_wrong_component_are_named(tiny, tmp_p
 
 
 def test_a_truncated_component_config_is_named_with_the_fix(tiny, tmp_path):
-    from ldm.components import check_components
+    from ldm.models.loading import check_components
 
     vae = tmp_path / "vae"
     shutil.copytree(tiny["vae"], vae)
@@ -584,7 +586,7 @@ def test_a_truncated_component_config_is_named_with_the_fix(tiny, tmp_path):
     (["data.max_samples=10", "autoencoder.num_validation_images=4"], 1, 9),  # max_samples bounds stage 1 too
 ])
 def test_stage_1_on_tiny_datasets_and_settings(tiny, tmp_path, extra, held, trained):
-    from ldm.autoencoder import train_autoencoder
+    from ldm.training.autoencoder import train_autoencoder
 
     cfg = load_config(None, tiny_overrides(tiny, tmp_path / "run") + [
         f"autoencoder.output_dir={tmp_path / 'vae'}", "autoencoder.max_steps=2", "autoencoder.batch_size=4", *extra])
@@ -605,14 +607,14 @@ def test_stage_1_on_tiny_datasets_and_settings(tiny, tmp_path, extra, held, trai
     ({"guidance_rescale": 2.0}, r"guidance_rescale \(--guidance-rescale\) 2.0: must be in \[0, 1\]"),
 ])
 def test_generate_checks_its_numbers_before_loading_anything(kwargs, message):
-    from ldm.pipeline import generate
+    from ldm.inference.generate import generate
 
     with pytest.raises(ConfigError, match=message):
         generate("/nonexistent/model", ["a red circle"], **kwargs)  # no model is loaded: the check comes first
 
 
 def test_generate_refuses_a_size_the_model_cannot_make(run):
-    from ldm.pipeline import generate
+    from ldm.inference.generate import generate
 
     # The tiny model halves 16 px twice (4 px), but Diffusers' pipelines also need 8 px: 20 is refused by ldm,
     # with the nearest size, rather than by a ValueError from inside Diffusers.
@@ -621,7 +623,7 @@ def test_generate_refuses_a_size_the_model_cannot_make(run):
 
 
 def test_a_broken_pretrained_pipeline_names_model_pretrained_not_a_derived_key(tiny, run, tmp_path):
-    from ldm.components import check_components
+    from ldm.models.loading import check_components
 
     pipeline = tmp_path / "pipeline"
     shutil.copytree(run / "pipeline", pipeline)

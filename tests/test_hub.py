@@ -20,7 +20,8 @@ from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
-from ldm.config import ConfigError, load_config
+from ldm.config.loading import load_config
+from ldm.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = {
@@ -63,12 +64,12 @@ class FakeHub:
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
         monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-        monkeypatch.setattr("ldm.hub.time.sleep", lambda s: hub.__dict__.setdefault("sleeps", []).append(s))
+        monkeypatch.setattr("ldm.interop.hub.time.sleep", lambda s: hub.__dict__.setdefault("sleeps", []).append(s))
 
 
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory) -> Path:
-    from ldm.train import train
+    from ldm.training.loop import train
 
     out = tmp_path_factory.mktemp("hub_run")
     cfg = load_config(None, tiny_overrides(tiny, out) + ["train.validate_every=1", "hub.license=apache-2.0",
@@ -103,7 +104,8 @@ def test_card_metadata_and_content(exported):
 
 
 def test_publish_uploads_exactly_the_allow_list_after_retries(exported, tmp_path, monkeypatch):
-    from ldm.hub import publish, write_model_card
+    from ldm.interop.hub import publish
+    from ldm.interop.model_card import write_model_card
 
     folder = _with_planted(exported, tmp_path)
     cfg = load_config(folder / "ldm_config.yaml", ["hub.repo_id=me/shapes"])
@@ -123,7 +125,7 @@ def test_publish_uploads_exactly_the_allow_list_after_retries(exported, tmp_path
 def test_failing_upload_never_raises_and_hides_the_token(exported, tmp_path, monkeypatch, capsys):
     from huggingface_hub.errors import HfHubHTTPError
 
-    from ldm.hub import publish
+    from ldm.interop.hub import publish
 
     token = "hf_" + "T0kenThatMustNotLeak" * 2
     monkeypatch.setenv("HF_TOKEN", token)
@@ -141,7 +143,7 @@ def test_failing_upload_never_raises_and_hides_the_token(exported, tmp_path, mon
 
 
 def test_training_with_an_unreachable_hub_finishes_and_keeps_its_files(tiny, tmp_path, monkeypatch, capsys):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     hub = FakeHub(failures=10**6)
     hub.install(monkeypatch)
@@ -178,13 +180,13 @@ def test_dry_run_lists_the_files_writes_nothing_and_makes_no_network_call(export
 
 
 def test_uncached_hub_ids_fail_with_one_offline_message(monkeypatch, tmp_path):
-    from ldm.pipeline import load_pipeline
+    from ldm.inference.pipeline import load_pipeline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
     with pytest.raises(ConfigError, match=r"'nobody/not-cached-model'.*HF_HUB_OFFLINE=1"):
         load_pipeline("nobody/not-cached-model")
-    from ldm.components import resolve_pretrained
+    from ldm.models.loading import resolve_pretrained
 
     cfg = load_config(None, ["model.pretrained=nobody/not-cached-model"])  # pure: reads no model folder
     with pytest.raises(ConfigError, match=r"model.pretrained.*'nobody/not-cached-model'.*HF_HUB_OFFLINE=1"):
@@ -192,14 +194,14 @@ def test_uncached_hub_ids_fail_with_one_offline_message(monkeypatch, tmp_path):
 
 
 def test_fine_tuning_an_exported_pipeline_from_its_folder(exported, tmp_path):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     cfg = load_config(None, [f"model.pretrained={exported}", "data.dataset=shapes", "data.resolution=16",
                              "data.shapes.num_images=32", f"train.output_dir={tmp_path / 'ft'}", "train.batch_size=4",
                              "train.max_steps=2", "train.lr=1e-4", "train.ema_decay=null", "train.report_to=none",
                              "train.validate_every=0", "sample.num_inference_steps=2"])
     assert cfg.model.unet.path is None  # load_config reads no model folder; resolving is the caller's step
-    from ldm.components import resolve_pretrained
+    from ldm.models.loading import resolve_pretrained
 
     resolve_pretrained(cfg)
     assert cfg.model.unet.block_out_channels == [16, 32] and cfg.model.unet.path == str(exported)

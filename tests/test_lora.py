@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides, write_config
-from ldm.config import ConfigError, load_config
+from ldm.config.loading import load_config
+from ldm.errors import ConfigError
 from test_resume import ROOT, _env, _max_diff, kill_resume_and_compare, train_on_two_processes
 
 PROMPTS = ["a red circle in the center", "a blue square on the left"]
@@ -26,7 +27,7 @@ RANK, ALPHA = 4, 2.0  # alpha ≠ rank: every consumer must apply the scale alph
 @pytest.fixture(scope="module")
 def base(tiny, tmp_path_factory) -> Path:
     """A 3-step text-to-image pipeline: the base the LoRAs adapt."""
-    from ldm.train import train
+    from ldm.training.loop import train
 
     out = tmp_path_factory.mktemp("lora_base")
     return train(load_config(None, tiny_overrides(tiny, out) + ["train.max_steps=3"]), show_progress=False)
@@ -44,7 +45,7 @@ def lora_overrides(base: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lora_run(base, tmp_path_factory) -> Path:
-    from ldm.train import train
+    from ldm.training.loop import train
 
     out = tmp_path_factory.mktemp("lora_run")
     return train(load_config(None, lora_overrides(base, out, "lora.fuse=true")), show_progress=False)
@@ -74,7 +75,7 @@ def test_lora_trains_only_the_adapter_and_its_checkpoint_holds_only_that(base, l
     # Publishing the LoRA folder: its files go up; training state copied beside them does not.
     import shutil
 
-    from ldm.hub import upload_plan
+    from ldm.interop.hub import upload_plan
 
     for name in ("lora.safetensors", "ema.safetensors", "optimizer.safetensors"):
         shutil.copy(ckpt / name, lora_run / name)
@@ -89,9 +90,10 @@ def test_lora_training_changes_no_base_weight(tiny, base, tmp_path):
     """Optimizer steps through the loop's own train_step move the adapter and leave every base weight bit-identical."""
     from diffusers.optimization import get_scheduler
 
-    from ldm.components import build_scheduler, build_unet, check_components
-    from ldm.train import train_step
-    from ldm.trainable import build_trainable
+    from ldm.models.building import build_scheduler, build_unet
+    from ldm.models.loading import check_components
+    from ldm.training.loop import train_step
+    from ldm.training.trainables import build_trainable
 
     cfg = load_config(None, lora_overrides(base, tmp_path))
     vae_info, text_info = check_components(cfg)
@@ -123,7 +125,7 @@ def test_lora_resumes_exactly_after_sigkill(base, tmp_path):
 
 
 def test_lora_two_processes_match_one(base, tmp_path):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     common = ["train.max_steps=2", "train.adam_epsilon=1e-4", "train.checkpoint_every=2"]
     two = write_config(tmp_path / "two.yaml", lora_overrides(base, tmp_path / "two", "train.batch_size=2", *common))
@@ -152,7 +154,7 @@ def test_lora_mixed_precision_runs_with_fp32_adapter_weights(base, tmp_path, pre
 def _plain(base: Path):
     from diffusers import StableDiffusionPipeline
 
-    from ldm.pipeline import make_scheduler
+    from ldm.inference.pipeline import make_scheduler
 
     pipe = StableDiffusionPipeline.from_pretrained(base)
     pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
@@ -162,7 +164,7 @@ def _plain(base: Path):
 
 def _assert_plain_diffusers_matches_generate(base: Path, folder: Path):
     """Plain Diffusers (base + load_lora_weights) gives ldm.generate's pixels; returns that pipeline."""
-    from ldm.pipeline import generate
+    from ldm.inference.generate import generate
 
     ours = generate(base, PROMPTS, loras=[folder], num_inference_steps=3, guidance_scale=3.0, seed=3)
     pipe = _plain(base)
@@ -180,7 +182,7 @@ def _images(pipe, seed: int = 3, **kwargs) -> np.ndarray:
 
 
 def test_plain_diffusers_reproduces_ldm_generate_with_the_lora(base, lora_run, caplog):
-    from ldm.pipeline import generate
+    from ldm.inference.generate import generate
 
     ours = generate(base, PROMPTS, loras=[lora_run], num_inference_steps=3, guidance_scale=3.0, seed=3)
     assert ours[0].params["loras"] == [f"{lora_run.name}:1"]
@@ -227,7 +229,7 @@ def test_kohya_file_loads_in_diffusers_strict_converter_and_matches(base, lora_r
 
 
 def test_fused_export_matches_the_unfused_lora(base, lora_run):
-    from ldm.pipeline import load_pipeline
+    from ldm.inference.pipeline import load_pipeline
 
     fused = lora_run.parent / "pipeline"  # lora.fuse=true
     pipe = load_pipeline(fused)
@@ -243,10 +245,10 @@ def test_every_kohya_module_maps_onto_the_sd15_single_file_layout():
     of ldm's LDM-layout export under the AUTOMATIC1111/ComfyUI renaming; a Diffusers-native file does not."""
     from diffusers import UNet2DConditionModel
 
-    from ldm.components import unet_kwargs
-    from ldm.config import LoRAConfig, UNetConfig
-    from ldm.lora import peft_config, to_kohya, unmapped_modules
-    from ldm.single_file import unet_to_ldm
+    from ldm.config.schema import LoRAConfig, UNetConfig
+    from ldm.interop.lora import peft_config, to_kohya, unmapped_modules
+    from ldm.interop.single_file import unet_to_ldm
+    from ldm.models.building import unet_kwargs
 
     lcfg = LoRAConfig(enabled=True, rank=4, targets=["attention", "projections", "feed_forward", "convolutions",
                                                     "time_embedding"])
@@ -285,7 +287,7 @@ def test_generate_script_takes_lora_and_config_errors(base, lora_run, tmp_path):
 @pytest.fixture(scope="module")
 def clip_base(tiny, tmp_path_factory) -> Path:
     """A 3-step base with a CLIP text encoder (the text-encoder LoRA's kohya names are CLIP's)."""
-    from ldm.train import train
+    from ldm.training.loop import train
 
     out = tmp_path_factory.mktemp("clip_base")
     return train(load_config(None, tiny_overrides(tiny, out, "clip") + ["train.max_steps=3"]), show_progress=False)
@@ -294,7 +296,7 @@ def clip_base(tiny, tmp_path_factory) -> Path:
 def test_text_encoder_lora_trains_exports_and_loads_in_plain_diffusers(clip_base, tmp_path):
     from safetensors import safe_open
 
-    from ldm.train import train
+    from ldm.training.loop import train
 
     folder = train(load_config(None, lora_overrides(clip_base, tmp_path, "model.text_encoder.train=lora",
                                                     "model.text_encoder.lr=1e-2", "data.cache=true",
@@ -325,7 +327,7 @@ def _json(path: Path) -> dict:
 def test_full_text_encoder_fine_tune_with_its_own_lr_resumes_exactly(base, tmp_path):
     """UNet and BERT text encoder trained whole (text encoder at a lower lr); resuming from a checkpoint ends
     where the uninterrupted run ends (dropout in BERT draws from the restored RNG)."""
-    from ldm.train import train
+    from ldm.training.loop import train
 
     full = ["lora.enabled=false", "model.text_encoder.train=full", "model.text_encoder.lr=5e-4",
             "train.lr=1e-3", "train.max_steps=4", "train.checkpoint_every=2"]
@@ -350,7 +352,7 @@ def test_full_text_encoder_fine_tune_with_its_own_lr_resumes_exactly(base, tmp_p
 
 
 def test_dora_trains_and_loads_in_plain_diffusers_without_a_kohya_file(base, tmp_path):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     folder = train(load_config(None, lora_overrides(base, tmp_path, "lora.use_dora=true", "train.max_steps=2")),
                    show_progress=False)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides, write_config
-from ldm.config import load_config
+from ldm.config.loading import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,11 +34,11 @@ import sys, time, runpy
 import ldm.train, ldm.checkpoint
 mode, seconds = sys.argv[1], float(sys.argv[2])
 if mode == "step":
-    inner = ldm.train.train_step
+    inner = ldm.training.loop.train_step
     def slow_step(*a, **k):
         time.sleep(seconds)
         return inner(*a, **k)
-    ldm.train.train_step = slow_step
+    ldm.training.loop.train_step = slow_step
 elif mode == "checkpoint":
     inner = ldm.checkpoint._save_tensors
     def slow_save(tensors, path):
@@ -73,7 +73,7 @@ def _launch_and_kill(tmp: Path, config: Path, mode: str, seconds: float, kill_wh
 def kill_resume_and_compare(tmp: Path, overrides, files: tuple[str, ...], last: int = 6) -> None:
     """Train `overrides(out)` uninterrupted and, beside it, SIGKILLed after checkpoint 2 and resumed with
     scripts/train_text2img.py train.resume=latest; checkpoint `last` must hold the same `files` (≤ 1e-6)."""
-    from ldm.train import train
+    from ldm.training.loop import train
 
     ref = tmp / "ref"
     train(load_config(None, overrides(ref)), show_progress=False)
@@ -124,7 +124,7 @@ def _samples(out: Path, rank: int = 0) -> dict[int, list[list[int]]]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny, tmp_path_factory) -> Path:
-    from ldm.train import train
+    from ldm.training.loop import train
 
     out = tmp_path_factory.mktemp("uninterrupted")
     train(load_config(None, tiny_overrides(tiny, out) + RUN), show_progress=False)
@@ -168,7 +168,7 @@ def test_sigkill_while_checkpoint_is_written(tiny, tmp_path, uninterrupted):
 
 
 def test_accumulation_equals_one_big_batch(tiny, tmp_path):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     base = tiny_overrides(tiny, tmp_path) + ["train.max_steps=2", "train.checkpoint_every=1", "train.ema_decay=0.9",
                                              "train.lr_scheduler=linear", "train.lr_warmup_steps=1"]
@@ -195,7 +195,7 @@ def test_two_processes_match_one_process_at_twice_the_batch(tiny, tmp_path):
     two = write_config(tmp_path / "two.yaml", common + [f"train.output_dir={tmp_path / 'two'}", "train.batch_size=2",
                                                          "train.validate_every=2"])  # rank 0 validates mid-run
     train_on_two_processes(two)
-    from ldm.train import train
+    from ldm.training.loop import train
 
     train(load_config(None, common + [f"train.output_dir={tmp_path / 'one'}", "train.batch_size=4"]),
           show_progress=False)
@@ -214,7 +214,7 @@ def test_two_processes_match_one_process_at_twice_the_batch(tiny, tmp_path):
 def test_two_machines_on_loopback_match_one_process(tiny, tmp_path):
     """--num_machines 2 (one process each, rendezvous on 127.0.0.1), as on a real cluster: same weights and
     same samples as one process at the same global batch."""
-    from ldm.train import train
+    from ldm.training.loop import train
 
     common = tiny_overrides(tiny, tmp_path) + ["train.max_steps=3", "train.checkpoint_every=3",
                                                "train.adam_epsilon=1e-4", "train.record_samples=true"]
@@ -241,9 +241,9 @@ def test_two_machines_on_loopback_match_one_process(tiny, tmp_path):
 
 
 def test_nonfinite_loss_is_skipped_then_stops(tiny, tmp_path, monkeypatch, capsys, recwarn):
-    import ldm.train
+    import ldm.training.loop
 
-    inner = ldm.train.train_step
+    inner = ldm.training.loop.train_step
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -251,9 +251,9 @@ def test_nonfinite_loss_is_skipped_then_stops(tiny, tmp_path, monkeypatch, capsy
         loss = inner(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(ldm.train, "train_step", flaky)
+    monkeypatch.setattr(ldm.training.loop, "train_step", flaky)
     cfg = load_config(None, tiny_overrides(tiny, tmp_path) + ["train.max_steps=4", "train.checkpoint_every=2"])
-    ldm.train.train(cfg, show_progress=False)
+    ldm.training.loop.train(cfg, show_progress=False)
     assert "step 2: non-finite loss or gradient" in capsys.readouterr().out
     weights = load_file(str(tmp_path / "checkpoints" / "step_000004" / "unet.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
@@ -261,13 +261,13 @@ def test_nonfinite_loss_is_skipped_then_stops(tiny, tmp_path, monkeypatch, capsy
     calls["n"] = 0
     cfg = load_config(None, tiny_overrides(tiny, tmp_path / "stop") + ["train.max_steps=4", "train.nonfinite=stop"])
     with pytest.raises(FloatingPointError, match="stopping at step 2 after 1 non-finite step"):
-        ldm.train.train(cfg, show_progress=False)
+        ldm.training.loop.train(cfg, show_progress=False)
 
-    monkeypatch.setattr(ldm.train, "train_step", lambda *a, **k: inner(*a, **k) * float("nan"))
+    monkeypatch.setattr(ldm.training.loop, "train_step", lambda *a, **k: inner(*a, **k) * float("nan"))
     cfg = load_config(None, tiny_overrides(tiny, tmp_path / "streak") + ["train.max_steps=9",
                                                                         "train.max_nonfinite_steps=3"])
     with pytest.raises(FloatingPointError, match="after 3 non-finite step"):
-        ldm.train.train(cfg, show_progress=False)
+        ldm.training.loop.train(cfg, show_progress=False)
     # skipped first updates still step the schedule, without PyTorch's warning about the order
     assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
 
@@ -275,8 +275,8 @@ def test_nonfinite_loss_is_skipped_then_stops(tiny, tmp_path, monkeypatch, capsy
 def test_full_disk_fails_before_training(tiny, tmp_path, monkeypatch):
     import shutil
 
-    from ldm.checkpoint import DiskSpaceError
-    from ldm.train import train
+    from ldm.training.checkpoint import DiskSpaceError
+    from ldm.training.loop import train
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1000))
     cfg = load_config(None, tiny_overrides(tiny, tmp_path) + ["train.checkpoint_every=1"])
@@ -286,7 +286,7 @@ def test_full_disk_fails_before_training(tiny, tmp_path, monkeypatch):
 
 
 def test_resume_from_a_path_that_is_not_a_checkpoint(tiny, tmp_path):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     cfg = load_config(None, tiny_overrides(tiny, tmp_path) + [f"train.resume={tmp_path}"])
     with pytest.raises(ValueError, match="not a complete checkpoint folder"):
@@ -294,8 +294,8 @@ def test_resume_from_a_path_that_is_not_a_checkpoint(tiny, tmp_path):
 
 
 def test_hub_token_is_never_taken_from_the_cli_nor_written(tiny, tmp_path, monkeypatch):
-    from ldm.config import ConfigError
-    from ldm.train import train
+    from ldm.errors import ConfigError
+    from ldm.training.loop import train
 
     secret = "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42"
     with pytest.raises(ConfigError, match="unknown config key"):
@@ -310,7 +310,7 @@ def test_hub_token_is_never_taken_from_the_cli_nor_written(tiny, tmp_path, monke
 
 
 def test_validation_with_ema_restores_the_training_weights(tiny, tmp_path):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     base = tiny_overrides(tiny, tmp_path) + ["train.max_steps=3", "train.checkpoint_every=3", "train.ema_decay=0.5",
                                              "train.ema_warmup=true"]
@@ -331,7 +331,7 @@ def test_the_fused_ema_update_is_diffusers_ema_update():
     step), and leaves its step count and decay where EMAModel would."""
     from diffusers.training_utils import EMAModel
 
-    from ldm.validation import ParameterEMA
+    from ldm.training.validation import ParameterEMA
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in ((8, 3), (5,), (2, 2, 3))]

@@ -64,7 +64,8 @@ def test_excluding_combinations():
 
 
 def test_holdout_entries_and_their_errors():
-    from ldm.config import ConfigError, load_config
+    from ldm.config.loading import load_config
+    from ldm.errors import ConfigError
     from ldm.shapes import parse_holdout
 
     held = parse_holdout(["red triangle *", "green * bottom left"])
@@ -75,7 +76,7 @@ def test_holdout_entries_and_their_errors():
         load_config(None, ["data.shapes.holdout=['teal circle *']"])
     with pytest.raises(ConfigError, match="unknown position 'middle'"):
         load_config(None, ["data.shapes.holdout=['red circle middle']"])
-    from ldm.sources import open_source
+    from ldm.data.sources import open_source
 
     cfg = load_config(None, ["data.shapes.holdout=['red triangle *']", "data.resolution=16",
                              "data.shapes.num_images=400"])
@@ -85,7 +86,7 @@ def test_holdout_entries_and_their_errors():
 
 
 def test_probe_scores_split_seen_and_held_out():
-    from ldm.evaluation import ProbeResult, split_scores
+    from ldm.evaluation.probes import ProbeResult, split_scores
     from ldm.shapes import Reading
 
     specs = [ShapeSpec("red", "circle", "top"), ShapeSpec("red", "triangle", "top"), ShapeSpec("blue", "cross", "left")]

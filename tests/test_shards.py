@@ -14,9 +14,12 @@ from safetensors.torch import load_file
 from test_buckets import write_captioned_folder
 
 from conftest import tiny_overrides
-from ldm.config import ConfigError, DataConfig, load_config
-from ldm.shards import write_shards
-from ldm.sources import FolderSource, ShardSource, audit, open_source
+from ldm.config.loading import load_config
+from ldm.config.schema import DataConfig
+from ldm.data.audit import audit
+from ldm.data.shards import write_shards
+from ldm.data.sources import FolderSource, ShardSource, open_source
+from ldm.errors import ConfigError
 from test_resume import ROOT, _env, _max_diff, kill_resume_and_compare
 
 
@@ -77,7 +80,7 @@ def test_make_shards_script_and_a_bad_url(folder, tmp_path):
 
 
 def test_shards_train_to_the_folders_weights(tiny, write_imagefolder, tmp_path):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     folder = write_imagefolder(12)
     write_shards(folder, tmp_path / "shards", samples_per_shard=5, caption_column="caption")
@@ -117,7 +120,7 @@ def _sources(out: Path, rank: int) -> list[str]:
 
 
 def test_streaming_counts_bad_samples_and_replays_by_seed(tiny, folder, tmp_path):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     write_shards(folder, tmp_path / "shards", samples_per_shard=3, caption_column="caption")  # 4 shards
     for name in ("a", "b"):

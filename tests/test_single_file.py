@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ldm.single_file import export_single_file, load_single_file, read_metadata, write_config_folder
+from ldm.interop.single_file import export_single_file, load_single_file, read_metadata, write_config_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red circle in the center", "a blue square on the left"]
@@ -17,10 +17,11 @@ PROMPTS = ["a red circle in the center", "a blue square on the left"]
 
 def _quickstart_pipeline(folder: Path, text_encoder: str | None = None):
     """The quickstart's VAE and UNet architectures (random, seeded) with MiniLM or the given text encoder."""
-    from ldm.autoencoder import save_untrained_autoencoder
-    from ldm.components import build_scheduler, build_unet, check_components, load_text_encoder, load_vae
-    from ldm.config import load_config
-    from ldm.pipeline import assemble_pipeline
+    from ldm.config.loading import load_config
+    from ldm.inference.pipeline import assemble_pipeline
+    from ldm.models.building import build_scheduler, build_unet
+    from ldm.models.loading import check_components, load_text_encoder, load_vae
+    from ldm.training.autoencoder import save_untrained_autoencoder
 
     overrides = [f"model.vae.path={folder / 'vae_stage1'}"]
     if text_encoder:
@@ -40,7 +41,7 @@ def _quickstart_pipeline(folder: Path, text_encoder: str | None = None):
 
 
 def _images(pipe) -> np.ndarray:
-    from ldm.pipeline import generate
+    from ldm.inference.generate import generate
 
     return np.stack([np.asarray(g.image, dtype=np.float32) / 255 for g in
                      generate(pipe, PROMPTS, guidance_scale=3.0, num_inference_steps=4, sampler="dpm++", seed=0)])

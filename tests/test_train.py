@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_overrides, write_config
-from ldm.config import load_config
+from ldm.config.loading import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def _run(args: list[str], env_extra: dict | None = None, timeout: int = 300) -> 
 @pytest.fixture(scope="module")
 def trained(tiny, tmp_path_factory) -> Path:
     """A 2-step stage-2 run (BERT text encoder, on-the-fly encoding) exported as a pipeline."""
-    from ldm.train import train
+    from ldm.training.loop import train
 
     out = tmp_path_factory.mktemp("run")
     cfg = load_config(None, tiny_overrides(tiny, out) + ["train.ema_decay=0.9", "train.gradient_accumulation_steps=2"])
@@ -83,8 +83,9 @@ def test_ddpm_sampler_generates_from_the_export(trained):
 
 def test_training_embeddings_equal_the_pipelines(tiny):
     """encode_prompts (training) computes exactly what the exported pipeline computes at inference."""
-    from ldm.components import encode_prompts, load_text_encoder
-    from ldm.config import TextEncoderConfig
+    from ldm.config.schema import TextEncoderConfig
+    from ldm.models.encoders import encode_prompts
+    from ldm.models.loading import load_text_encoder
 
     for name in ("bert", "clip"):
         tokenizer, encoder = load_text_encoder(TextEncoderConfig(path=tiny[name], max_length=12))
@@ -101,12 +102,13 @@ def test_training_embeddings_equal_the_pipelines(tiny):
 @pytest.mark.parametrize("flip", [False, True])
 def test_cached_and_on_the_fly_batches_agree(tiny, tmp_path, flip):
     """The same batch and draws give the same latents, prompt_embeds and loss from the cache as on the fly."""
-    from ldm.cache import build_cache, cache_fingerprints
-    from ldm.components import FrozenEncoders, build_scheduler
-    from ldm.data import SampleStream
+    from ldm.data.cache import build_cache, cache_fingerprints
+    from ldm.data.sources import open_source
+    from ldm.data.stream import SampleStream
     from ldm.diffusion import draw_samples
-    from ldm.sources import open_source
-    from ldm.train import encode_batch, train_step
+    from ldm.models.building import build_scheduler
+    from ldm.models.encoders import FrozenEncoders
+    from ldm.training.loop import encode_batch, train_step
 
     cfg = load_config(None, tiny_overrides(tiny, tmp_path) + ["data.caption_dropout=0.5", f"data.random_flip={flip}"])
     frozen = FrozenEncoders(cfg.model, torch.device("cpu"))
@@ -122,8 +124,9 @@ def test_cached_and_on_the_fly_batches_agree(tiny, tmp_path, flip):
     a = encode_batch(batch, draws, None, frozen, "cpu")
     b = encode_batch(batch, draws, encoded, frozen, "cpu")
     assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1], b[1], atol=1e-5)
-    from ldm.components import build_unet, describe_text_encoder, describe_vae
-    from ldm.trainable import Trainable
+    from ldm.models.building import build_unet
+    from ldm.models.loading import describe_text_encoder, describe_vae
+    from ldm.training.trainables.base import Trainable
 
     torch.manual_seed(0)
     unet = build_unet(cfg, describe_vae(cfg.model.vae), describe_text_encoder(cfg.model.text_encoder))
@@ -135,7 +138,7 @@ def test_cached_and_on_the_fly_batches_agree(tiny, tmp_path, flip):
 
 
 def test_clip_text_encoder_and_cache_train(tiny, tmp_path):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     cfg = load_config(None, tiny_overrides(tiny, tmp_path, text_encoder="clip") + [
         "data.cache=true", f"data.cache_dir={tmp_path / 'cache'}", "train.snr_gamma=5.0",
@@ -164,7 +167,7 @@ def test_imagefolder_by_someone_else_trains_with_config_only(tiny, tmp_path, wri
 def test_stage_one_autoencoder(tmp_path):
     from diffusers import AutoencoderKL
 
-    from ldm.autoencoder import train_autoencoder
+    from ldm.training.autoencoder import train_autoencoder
 
     cfg = load_config(None, ["data.resolution=16", "data.shapes.num_images=40",
                              "autoencoder.block_out_channels=[8, 16]",
@@ -176,8 +179,8 @@ def test_stage_one_autoencoder(tmp_path):
     assert metrics["held_out_images"] == 4 and 5.0 < metrics["psnr_db"] < 60.0
     assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
     # The scaling factor normalises the training latents (samples of q(z|x)) to unit standard deviation.
-    from ldm.data import prepare_image
-    from ldm.sources import open_source
+    from ldm.data.sources import open_source
+    from ldm.data.transforms import prepare_image
 
     source = open_source(cfg.data)
     x = torch.stack([prepare_image(source.get(i)[0], cfg.data) for i in range(32)])
@@ -219,8 +222,8 @@ def test_xformers_without_xformers_is_a_config_error(tiny, tmp_path):
         pytest.skip("xformers is installed here")
     except ImportError:
         pass
-    from ldm.config import ConfigError
-    from ldm.train import train
+    from ldm.errors import ConfigError
+    from ldm.training.loop import train
 
     with pytest.raises(ConfigError, match="'train.attention': xformers is not usable here"):
         train(load_config(None, tiny_overrides(tiny, tmp_path) + ["train.attention=xformers"]), show_progress=False)
@@ -247,7 +250,7 @@ def test_evaluate_script_sweeps_samplers_and_guidance(trained, tmp_path):
 
 def test_guidance_batches_both_passes_and_one_skips_the_unconditional(trained):
     from ldm import generate
-    from ldm.pipeline import load_pipeline
+    from ldm.inference.pipeline import load_pipeline
 
     pipe, sizes = load_pipeline(str(trained)), []
     pipe.unet.register_forward_pre_hook(lambda module, args, kwargs: sizes.append(args[0].shape[0]), with_kwargs=True)
@@ -258,9 +261,9 @@ def test_guidance_batches_both_passes_and_one_skips_the_unconditional(trained):
 
 
 def test_process_pictures(trained, tmp_path):
-    from ldm.pipeline import load_pipeline
+    from ldm.evaluation.visualisation import forward_strip, guidance_grid, reverse_strip
+    from ldm.inference.pipeline import load_pipeline
     from ldm.shapes import ShapeSpec, render
-    from ldm.visualisation import forward_strip, guidance_grid, reverse_strip
 
     pipe = load_pipeline(str(trained))
     strip = forward_strip(pipe, render(ShapeSpec("red", "circle", "center"), 16), timesteps=(0, 500, 999))
@@ -277,7 +280,7 @@ def test_process_pictures(trained, tmp_path):
 
 
 def test_validation_loss_on_held_back_samples_is_logged(tiny, tmp_path):
-    from ldm.train import train
+    from ldm.training.loop import train
 
     cfg = load_config(None, tiny_overrides(tiny, tmp_path) + ["data.validation_images=4", "train.validate_every=1",
                                                               "train.max_steps=2", "train.record_samples=true"])

@@ -1,0 +1,1 @@
+"""Generating pictures: pipelines and samplers, generate(), the fast path."""

@@ -1,0 +1,273 @@
+"""generate(): prompts (and an init image, a sketch or a style reference) to pictures, as plain Diffusers draws them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from diffusers import (
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+)
+from PIL import Image, ImageOps
+
+from ldm.data.decode import BadSample, to_rgb
+from ldm.errors import ConfigError
+from ldm.inference.fast import make_fast, text_kv_table
+from ldm.inference.pipeline import SAMPLERS, load_pipeline, make_scheduler
+from ldm.interop.lora import load_loras, parse_lora
+
+
+@torch.no_grad()
+def _encode_once(pipe, prompts: Sequence[str], negative_prompt: Optional[str]) -> dict:
+    """prompt → its embedding (1, L, D), and None → the negative prompt's ("" without one), with the pipeline's own
+    encoder call."""
+    device = pipe._execution_device
+    unique = list(dict.fromkeys(prompts))
+    encoded = {None: pipe.encode_prompt([negative_prompt or ""], device, 1, False)[0]}
+    for start in range(0, len(unique), 64):
+        part = unique[start:start + 64]
+        embeds = pipe.encode_prompt(part, device, 1, False)[0]
+        encoded.update({p: embeds[k:k + 1] for k, p in enumerate(part)})
+    return encoded
+
+
+def _has_adapters(pipe) -> bool:
+    """Whether LoRA (PEFT) layers were loaded into the pipeline's UNet."""
+    return bool(getattr(pipe.unet, "peft_config", None))
+
+
+def _style_embeds(pipe, reference: Optional[Image.Image], guidance_scale: float) -> torch.Tensor:
+    """(2 or 1, 1, D): the zero embedding of the unconditional half (as Diffusers makes it), then the
+    reference's own (zeros without a reference; the scale is 0 then, too). The pipeline repeats it
+    over the call's batch."""
+    device = pipe._execution_device
+    if reference is not None:
+        embeds = pipe.encode_image(reference, device, 1)[0]
+    else:
+        embeds = torch.zeros(1, pipe.image_encoder.config.projection_dim, device=device)
+    if guidance_scale > 1.0:
+        embeds = torch.cat([torch.zeros_like(embeds), embeds])
+    return embeds[:, None]
+
+
+def as_rgb(image: Image.Image, what: str = "image") -> Image.Image:
+    """A picture given to `generate` prepared as training prepares one: EXIF rotation applied, transparency on
+    white, 16-bit and float pixels on their own scale."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 (unreadable EXIF: keep the pixels as stored)
+        pass
+    try:
+        return to_rgb(image, what)
+    except BadSample as bad:
+        raise ConfigError(f"{what}: {bad}") from bad
+
+
+def _per_prompt(images, prompts: Sequence[str], what: str, width: Optional[int] = None,
+                height: Optional[int] = None) -> list[Image.Image]:
+    """One image per prompt (one given for all is repeated), RGB, resized to width × height if given."""
+    images = [images] * len(prompts) if isinstance(images, Image.Image) else list(images)
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} {what} for {len(prompts)} prompts: give one, or one per prompt")
+    images = [as_rgb(im, what) for im in images]
+    return [im.resize((width, height), Image.BICUBIC) for im in images] if width and height else images
+
+
+def _check_arguments(**a) -> None:
+    """generate()'s numbers, checked before any model loads (each message names the argument and the
+    command-line flag of scripts/generate.py)."""
+    def require(ok: bool, name: str, flag: str, rule: str) -> None:
+        if not ok:
+            raise ConfigError(f"{name} (--{flag}) {a[name]!r}: {rule}")
+
+    def integer(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    require(integer(a["num_inference_steps"]) and a["num_inference_steps"] >= 1, "num_inference_steps", "steps",
+            "must be a whole number ≥ 1")
+    require(number(a["guidance_scale"]) and a["guidance_scale"] >= 0, "guidance_scale", "guidance-scale",
+            "must be ≥ 0 (1 or less: no classifier-free guidance; 3–8 is typical)")
+    require(a["sampler"] in SAMPLERS, "sampler", "sampler", f"choose one of {', '.join(SAMPLERS)}")
+    require(integer(a["num_images_per_prompt"]) and a["num_images_per_prompt"] >= 1, "num_images_per_prompt",
+            "num-images", "must be a whole number ≥ 1")
+    require(integer(a["batch_size"]) and a["batch_size"] >= 1, "batch_size", "batch-size", "must be a whole number ≥ 1")
+    for name in ("height", "width"):
+        require(a[name] is None or integer(a[name]) and a[name] > 0, name, name, "must be a positive number of pixels")
+    require(number(a["guidance_rescale"]) and 0 <= a["guidance_rescale"] <= 1, "guidance_rescale", "guidance-rescale",
+            "must be in [0, 1]")
+    for name, flag in (("conditioning_scale", "conditioning-scale"), ("style_scale", "style-scale")):
+        require(number(a[name]) and a[name] >= 0, name, flag, "must be ≥ 0")
+
+
+@dataclass
+class Generated:
+    image: Image.Image
+    prompt: str
+    seed: int
+    params: dict = field(default_factory=dict)
+
+
+def generate(
+    model: Union[str, Path, StableDiffusionPipeline],
+    prompts: Sequence[str],
+    negative_prompt: Optional[str] = None,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 25,
+    sampler: str = "dpm++",
+    seed: int = 0,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    num_images_per_prompt: int = 1,
+    batch_size: int = 16,
+    device: Union[str, torch.device] = "cpu",
+    guidance_rescale: float = 0.0,
+    init_image: Union[None, Image.Image, Sequence[Image.Image]] = None,
+    strength: float = 0.6,
+    sketch: Union[None, Image.Image, Sequence[Image.Image]] = None,
+    conditioning_scale: float = 1.0,
+    style: Union[None, Image.Image, Sequence[Image.Image]] = None,
+    style_scale: float = 1.0,
+    loras: Sequence = (),
+    on_step: Optional[Callable[[float], None]] = None,
+    fast: bool = False,
+) -> list[Generated]:
+    """Generate `num_images_per_prompt` images for each prompt; returns them with their parameters.
+
+    With `init_image` (one image, or one per prompt) this is image-to-image (SDEdit, Meng et al. 2022):
+    the image's latents are noised to `strength` × T and denoised with the prompt, through Diffusers'
+    `StableDiffusionImg2ImgPipeline` sharing the same components. Low strength keeps the layout,
+    high strength follows the prompt; only ⌊strength × num_inference_steps⌋ steps run.
+
+    A ControlNet pipeline (trained with conditioning.type=sketch) needs `sketch` (one, or one per
+    prompt); `conditioning_scale` scales its residuals, independently of the text's `guidance_scale`.
+    A pipeline with a style adapter takes `style` (a reference picture, or one per prompt) and `style_scale`;
+    without `style` it draws from the text alone.
+
+    `loras`: LoRA files or exported lora/ folders (Diffusers or kohya format), each `path`, `"path:scale"` or
+    `(path, scale)`, loaded into the pipeline with Diffusers' `load_lora_weights` and applied together.
+
+    `on_step(fraction)` is called after every denoising step with the fraction of the whole call done (a
+    progress bar's value); it sees no tensors and cannot change the result.
+
+    `fast=True` prepares the pipeline once with `make_fast` (channels-last, the UNet compiled with its weights
+    frozen in, the text's keys and values projected once per call, bf16 where the hardware has it) and gives
+    every call of the job the same batch shape, so nothing recompiles. Images then match the plain pipeline's
+    within the tolerance the README states, not pixel for pixel; the first call pays the compile."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ConfigError("generate() needs at least one prompt")
+    _check_arguments(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
+                     num_images_per_prompt=num_images_per_prompt, batch_size=batch_size, height=height, width=width,
+                     guidance_rescale=guidance_rescale, conditioning_scale=conditioning_scale, style_scale=style_scale)
+    pipe = model if hasattr(model, "unet") else load_pipeline(str(model), device)
+    if fast and (loras or getattr(pipe, "_ldm_fast", None) is None and _has_adapters(pipe)):
+        raise ConfigError("fast=True (--fast) compiles the UNet with its weights frozen in, so LoRAs cannot be "
+                          "loaded into it or swapped: generate with fast=False, or fuse the LoRA into a pipeline "
+                          "you save and load that")
+    if loras:
+        load_loras(pipe, loras)
+    controlled = isinstance(pipe, StableDiffusionControlNetPipeline)
+    if controlled != (sketch is not None):
+        raise ConfigError("a sketch goes with a ControlNet pipeline and only with one: this pipeline "
+                         + ("has a ControlNet; give sketch=…" if controlled else "has no ControlNet"))
+    if controlled and init_image is not None:
+        raise ConfigError("image-to-image with a sketch is not supported; use one or the other")
+    styled = getattr(pipe, "image_encoder", None) is not None
+    if style is not None and not styled:
+        raise ConfigError("style= needs a pipeline trained with conditioning.type=style (it has no image encoder)")
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if fast:
+        make_fast(pipe)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = height or size, width or size
+    # The UNet halves the latents once per level below the first; Diffusers' pipelines also ask for 8 px.
+    multiple = math.lcm(8, pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1))
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple:
+            nearest = max(multiple, round(value / multiple) * multiple)
+            raise ConfigError(f"{name} {value}: this model generates sizes that are multiples of {multiple} px "
+                              f"(its VAE and UNet downsampling, and Diffusers' 8 px); try {nearest}")
+    sketches = _per_prompt(sketch, prompts, "sketches", width, height) if sketch is not None else []
+    references = _per_prompt(style, prompts, "style references") if style is not None else []
+    if styled:
+        pipe.set_ip_adapter_scale(style_scale if references else 0.0)
+    inits: list = []
+    if init_image is not None:
+        if not 0.0 < strength <= 1.0:
+            raise ConfigError(f"strength {strength}: must be in (0, 1] (0 would return the input unchanged)")
+        if int(num_inference_steps * strength) < 1:  # Diffusers runs ⌊steps × strength⌋ steps
+            raise ConfigError(f"strength {strength} × {num_inference_steps} steps leaves no denoising step; "
+                             "raise num_inference_steps or strength")
+        inits = _per_prompt(init_image, prompts, "init images", width, height)
+        runner = StableDiffusionImg2ImgPipeline(**pipe.components)
+        runner.set_progress_bar_config(disable=True)
+    jobs = [(p, seed + j, k) for j, (k, p) in
+            enumerate((k, p) for k, p in enumerate(prompts) for _ in range(num_images_per_prompt))]
+    # Fast: every distinct prompt (and the negative one) through the text encoder once per job, not once per image.
+    encoded = _encode_once(pipe, [p for p, _, _ in jobs], negative_prompt) if fast else None
+    out: list[Generated] = []
+    # Diffusers repeats one set of image embeddings over a call's whole batch, so different references
+    # cannot share a call: with per-prompt references each prompt gets its own calls.
+    groups = [[job for job in jobs if job[2] == k] for k in range(len(prompts))] \
+        if styled and references and not isinstance(style, Image.Image) else [jobs]
+    chunks = [group[i:i + batch_size] for group in groups for i in range(0, len(group), batch_size)]
+    for n, chunk in enumerate(chunks):
+        wanted = len(chunk)
+        if fast and len(jobs) > batch_size:  # one batch shape for the compiled UNet: pad with the last job, dropped
+            chunk = chunk + [chunk[-1]] * (batch_size - wanted)
+        generators = [torch.Generator(device="cpu").manual_seed(s) for _, s, _ in chunk]
+        common = dict(prompt=[p for p, _, _ in chunk],
+                      negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+                      guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                      generator=generators, output_type="pil")
+        if encoded is not None:  # each distinct prompt was encoded once for the whole job
+            del common["prompt"], common["negative_prompt"]
+            common["prompt_embeds"] = torch.cat([encoded[p] for p, _, _ in chunk])
+            if guidance_scale > 1.0:
+                common["negative_prompt_embeds"] = encoded[None].expand(len(chunk), -1, -1)
+            if pipe._ldm_fast.text_kv:  # the UNet's batch: Diffusers puts the negative half first
+                guided = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+                embeds = common["prompt_embeds"]
+                if guided:
+                    embeds = torch.cat([common["negative_prompt_embeds"], embeds])
+                common["cross_attention_kwargs"] = {"text_kv": text_kv_table(pipe, embeds)}
+        if on_step is not None:
+            def progress(p, i, t, kwargs, n=n):
+                on_step((n + (i + 1) / max(p.num_timesteps, 1)) / len(chunks))
+                return kwargs
+
+            common["callback_on_step_end"] = progress
+        if styled:  # the chunk's one reference (or none: zero embeddings at scale 0), embedded as Diffusers does
+            common["ip_adapter_image_embeds"] = [_style_embeds(pipe, references[chunk[0][2]] if references else None,
+                                                               guidance_scale)]
+        if inits:
+            images = runner(image=[inits[k] for _, _, k in chunk], strength=strength, **common).images
+        elif sketches:
+            images = pipe(image=[sketches[k] for _, _, k in chunk], controlnet_conditioning_scale=conditioning_scale,
+                          height=height, width=width, **common).images
+        else:
+            images = pipe(guidance_rescale=guidance_rescale, height=height, width=width, **common).images
+        for (prompt, s, _), image in zip(chunk[:wanted], images):
+            params = dict(prompt=prompt, negative_prompt=negative_prompt or "", seed=s, sampler=sampler,
+                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                          guidance_rescale=guidance_rescale, height=height, width=width)
+            if inits:
+                params["strength"] = strength
+            if sketches:
+                params["conditioning_scale"] = conditioning_scale
+            if references:
+                params["style_scale"] = style_scale
+            if loras:
+                params["loras"] = [f"{Path(p).name}:{s:g}" for p, s in map(parse_lora, loras)]
+            out.append(Generated(image, prompt, s, params))
+    return out
