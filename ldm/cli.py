@@ -30,7 +30,7 @@ def run_script(main: Callable[[], None]) -> None:
         raise SystemExit(2) from None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A process of a multi-process launch, its work written and flushed: leave without tearing down the
-        # process group, whose gloo destructor can deadlock (see ldm.training.loop._KEPT_UNTIL_EXIT).
+        # process group, whose gloo destructor can deadlock (see ldm.training.finish._KEPT_UNTIL_EXIT).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -16,7 +16,7 @@ from ldm.data.cache import build_cache, cache_fingerprints
 from ldm.data.stream import SampleStream
 from ldm.models.encoders import FrozenEncoders
 from ldm.models.loading import check_components, load_tokenizer
-from ldm.training.loop import plan_buckets
+from ldm.training.setup import plan_buckets
 
 
 def main() -> None:

@@ -83,6 +83,7 @@ def test_a_run_whose_files_are_damaged_after_the_audit_finishes(tiny, tmp_path, 
     import json
 
     import ldm.training.loop
+    import ldm.training.setup
     from ldm.data.audit import open_audited
 
     originals = _originals()
@@ -114,7 +115,7 @@ def test_a_run_whose_files_are_damaged_after_the_audit_finishes(tiny, tmp_path, 
             (folder / name).write_bytes(damaged)
         return source
 
-    monkeypatch.setattr(ldm.training.loop, "open_audited", audit_then_damage)
+    monkeypatch.setattr(ldm.training.setup, "open_audited", audit_then_damage)
     cfg = load_config(None, tiny_overrides(tiny, tmp_path / "run") + [
         f"data.dataset={folder}", f"data.cache={str(cache).lower()}", f"data.cache_dir={tmp_path / 'cache'}",
         "data.validation_images=6", "train.max_steps=4", "train.batch_size=8"])

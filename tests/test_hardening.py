@@ -146,11 +146,12 @@ def test_a_hand_written_or_edited_card_is_kept_and_ldms_own_is_regenerated(run, 
 
 def test_a_fresh_run_into_a_used_folder_stops_before_training_and_touches_nothing(tiny, run, tmp_path, monkeypatch):
     import ldm.training.loop
+    import ldm.training.setup
     from ldm.training.loop import train
 
     out = _copy_run(run, tmp_path)
     before = _snapshot(out)
-    monkeypatch.setattr(ldm.training.loop, "open_audited", lambda *a, **k: pytest.fail("data was opened"))
+    monkeypatch.setattr(ldm.training.setup, "open_audited", lambda *a, **k: pytest.fail("data was opened"))
     with pytest.raises(ConfigError) as err:
         train(load_config(None, tiny_overrides(tiny, out) + ["train.seed=5"]), show_progress=False)
     text = str(err.value)
@@ -251,10 +252,11 @@ def test_a_changed_learning_rate_and_ema_decay_are_applied_and_recorded(tiny, ru
 def test_a_change_a_resume_cannot_apply_is_refused_before_any_data_or_model(tiny, run, tmp_path, monkeypatch,
                                                                              override, key):
     import ldm.training.loop
+    import ldm.training.setup
 
     out = _copy_run(run, tmp_path)
     before = _snapshot(out)
-    monkeypatch.setattr(ldm.training.loop, "open_audited", lambda *a, **k: pytest.fail("data was opened"))
+    monkeypatch.setattr(ldm.training.setup, "open_audited", lambda *a, **k: pytest.fail("data was opened"))
     with pytest.raises(ConfigError) as err:
         _resume(tiny, out, "train.max_steps=3", override)
     assert key in str(err.value) and "set them back to resume it, or start a new run" in str(err.value)
@@ -298,6 +300,7 @@ def test_checkpoint_weights_of_another_architecture_are_named_not_a_size_mismatc
 def test_files_that_break_after_the_audit_never_abort_a_cached_run_or_its_validation(tiny, tmp_path, monkeypatch,
                                                                                       capsys):
     import ldm.training.loop
+    import ldm.training.setup
     from ldm.data.audit import open_audited
     from ldm.shapes import write_imagefolder
 
@@ -312,7 +315,7 @@ def test_files_that_break_after_the_audit_never_abort_a_cached_run_or_its_valida
         audited["report"] = source.report
         return source
 
-    monkeypatch.setattr(ldm.training.loop, "open_audited", audit_then_break)
+    monkeypatch.setattr(ldm.training.setup, "open_audited", audit_then_break)
     cfg = load_config(None, tiny_overrides(tiny, tmp_path / "run") + [
         f"data.dataset={folder}", "data.cache=true", f"data.cache_dir={tmp_path / 'cache'}",
         "data.validation_images=4", "train.max_steps=6"])

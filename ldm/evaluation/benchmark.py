@@ -32,7 +32,8 @@ from ldm.inference.pipeline import assemble_pipeline
 from ldm.models.building import build_scheduler, build_unet, unet_flops_per_image, unet_kwargs
 from ldm.models.encoders import FrozenEncoders
 from ldm.models.loading import check_components
-from ldm.training.loop import set_tf32, train
+from ldm.training.loop import train
+from ldm.training.setup import set_tf32
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by substring of the device name.
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,

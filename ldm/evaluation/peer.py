@@ -162,7 +162,7 @@ def peer_comparison(example: Path, pipeline: Path, images: Path, out: Path, kind
                     lengths: tuple[int, int] = (20, 80), repeats: int = 2, batch: int = 32, lr: float = 1e-4) -> dict:
     """Time Diffusers' example and each ldm kind (name → extra config overrides) as fresh processes, alternated,
     `repeats` times at both lengths. Returns the steady-state s/step (median over repeats) of each."""
-    train = Path(__file__).resolve().parent.parent / "scripts" / "train_text2img.py"
+    train = Path(__file__).resolve().parents[2] / "scripts" / "train_text2img.py"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_MININTERVAL": "1"}
     runs: dict[str, list[dict]] = {"example": [], **{k: [] for k in kinds}}
     out.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,7 @@ from ldm.config.loading import load_config, to_dict
 from ldm.config.schema import Config
 from ldm.errors import ConfigError
 from ldm.training.checkpoint import read_state
-from ldm.training.trainables.base import Trainable
-from ldm.training.trainables.lora import LoRA
+from ldm.training.trainables import EXPORT_FOLDERS
 
 # What ldm writes into train.output_dir (an explicit overwrite removes these and nothing else).
 RUN_FILES = ("checkpoints", "validation", "logs", "hub_staging", "config.yaml", "data_audit.json",
@@ -56,9 +55,6 @@ FREE_ON_RESUME = (
 )
 
 
-def _exports() -> tuple[str, ...]:
-    return tuple(dict.fromkeys((Trainable.export_folder, LoRA.export_folder)))
-
 
 def earlier_run(out: Path) -> list[str]:
     """What in `out` another run left that this one would delete, replace or resume by mistake."""
@@ -66,7 +62,7 @@ def earlier_run(out: Path) -> list[str]:
     checkpoints = out / "checkpoints"
     if checkpoints.is_dir():
         found += [f"checkpoints/{p.name}" for p in sorted(checkpoints.iterdir()) if p.name.startswith("step_")]
-    for name in _exports():
+    for name in EXPORT_FOLDERS:
         if (out / name).is_dir() and any((out / name).iterdir()):
             found.append(f"{name}/")
     return found
@@ -83,7 +79,7 @@ def claim_output_dir(cfg: Config, out: Path, resuming: bool, overwrite: bool, ma
     """Refuse (or, with `overwrite`, clear) a used folder for a fresh run; refuse components read from the
     parts of `out` the run replaces. Call before anything is written or loaded."""
     m = cfg.model
-    replaced = [out / name for name in (*_exports(), "checkpoints")]
+    replaced = [out / name for name in (*EXPORT_FOLDERS, "checkpoints")]
     for key, path in (("model.pretrained", m.pretrained), ("model.unet.path", m.unet.path),
                       ("model.vae.path", m.vae.path), ("model.text_encoder.path", m.text_encoder.path)):
         for part in replaced:
@@ -109,7 +105,7 @@ def claim_output_dir(cfg: Config, out: Path, resuming: bool, overwrite: bool, ma
 
 def clear_run(out: Path, extra: tuple[str, ...] = ()) -> None:
     """Remove what ldm writes into a run folder (and `extra` names), nothing else."""
-    names = [*RUN_FILES, *_exports(), *extra] + [p.name for g in RUN_GLOBS for p in out.glob(g)]
+    names = [*RUN_FILES, *EXPORT_FOLDERS, *extra] + [p.name for g in RUN_GLOBS for p in out.glob(g)]
     for name in names:
         path = out / name
         for candidate in (path, path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")):

@@ -128,7 +128,7 @@ def log_validation_loss(cfg: Config, step: int, stream: SampleStream, val_set: l
         val_set += [trainable.held_back_inputs(stream, indices, pixels, torch.device("cpu")), [c for _, c in items]]
     latents, embeds, extra, captions = val_set
     n = len(captions)
-    if trainable.text_encoder is not None:
+    if trainable.encodes_prompts:  # the text encoder trains: encode with its current weights
         embeds = torch.cat([encode_prompts(*frozen.text, captions[i:i + 64]).cpu() for i in range(0, n, 64)])
 
     def predict(noisy_latents, timesteps, prompt_embeds, rows):

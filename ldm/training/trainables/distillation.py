@@ -129,7 +129,7 @@ class ConsistencyDistillation(Trainable):
         return consistency_loss(student, goal, d.loss, d.huber_c)
 
     # --- validation and export ------------------------------------------------------------------
-    def export(self, folder: Path, vae, text_encoder, tokenizer, scheduler, cfg: Config) -> Path:
+    def export(self, folder: Path, vae, text_encoder, tokenizer, scheduler, cfg: Config, text_state=None) -> Path:
         """A plain Stable-Diffusion pipeline whose scheduler is an LCMScheduler on the teacher's grid."""
         return export_pipeline(folder, vae, text_encoder, tokenizer, self.unet, lcm_scheduler(scheduler, cfg), cfg,
                                sampler="lcm")

@@ -12,50 +12,40 @@ from ldm.errors import ConfigError
 from ldm.inference.pipeline import fused_pipeline
 from ldm.interop.lora import DIFFUSERS_FILE, KOHYA_FILE, alpha_of, peft_config, save_diffusers_lora, save_kohya_lora
 from ldm.training.export import export_pipeline, replace_folder
-from ldm.training.trainables.base import Trainable
+from ldm.training.trainables.base import Trainable, Wrapper
 
 
-class LoRA(Trainable):
+class LoRA(Wrapper):
     """Wraps any trainable whose module is a Diffusers model: its weights freeze, low-rank adapters are
     injected (peft), and only those train, checkpoint, average (EMA) and export. Everything else (inputs,
     prediction, validation pipeline) is the wrapped trainable's."""
 
-    weights_file = "lora.safetensors"
-    export_folder = "lora"
-
     def __init__(self, inner: Trainable, cfg: LoRAConfig):
-        self.inner, self.lora = inner, cfg
-        self.cfg, self.unet, self.module = inner.cfg, inner.unet, inner.module
-        self.label = f"LoRA on the {inner.label}"
-        self.sketch_threshold = inner.sketch_threshold
+        super().__init__(inner)
+        self.lora = cfg
+        self.label, self.weights_file, self.export_folder = f"LoRA on the {inner.label}", "lora.safetensors", "lora"
         if not hasattr(self.module, "add_adapter"):
             raise ConfigError(f"lora.enabled: a {type(self.module).__name__} takes no peft adapters")
         self.module.requires_grad_(False)
         torch.manual_seed(inner.cfg.train.seed)  # the same A on every process (B starts at zero)
         self.module.add_adapter(peft_config(cfg))
 
-    def modules(self):
-        return self.inner.modules()
+    def named_parameters(self):
+        """The adapters: what requires grad in the module once its own weights froze."""
+        return Trainable.named_parameters(self)
 
-    def inputs(self, batch, encoded, stream, device):
-        return self.inner.inputs(batch, encoded, stream, device)
-
-    def predict(self, model, noisy_latents, timesteps, prompt_embeds, **inputs):
-        return self.inner.predict(model, noisy_latents, timesteps, prompt_embeds, **inputs)
-
-    def held_back_inputs(self, stream, indices, pixel_values, device):
-        return self.inner.held_back_inputs(stream, indices, pixel_values, device)
-
-    def loss(self, model, scheduler, latents, prompt_embeds, noise, timesteps, prediction_type, snr_gamma, **inputs):
-        return self.inner.loss(model, scheduler, latents, prompt_embeds, noise, timesteps, prediction_type,
-                               snr_gamma, **inputs)
-
-    def after_optimizer_step(self) -> None:
-        self.inner.after_optimizer_step()
+    def param_groups(self, lr, text_lr):
+        return Trainable.param_groups(self, lr, text_lr)
 
     def set_training(self, on: bool) -> None:
-        super().set_training(on)
+        self.module.train(on)
         self.inner.set_training(on)  # what the wrapped kind keeps in eval mode (a distillation's teacher)
+
+    def state_dict(self):
+        return Trainable.state_dict(self)
+
+    def load_state_dict(self, state):
+        Trainable.load_state_dict(self, state)
 
     def module_state(self) -> dict[str, torch.Tensor]:
         """Only the adapter's tensors (peft names: `<module>.lora_A.weight`, …)."""
@@ -72,26 +62,22 @@ class LoRA(Trainable):
             raise ValueError(f"LoRA checkpoint has tensors this adapter lacks: {unexpected[:3]}…; was it saved "
                              "with other lora.targets or lora.rank?")
 
-    def pipeline(self, vae, text_encoder, tokenizer, scheduler, sampler):
-        return self.inner.pipeline(vae, text_encoder, tokenizer, scheduler, sampler)
-
-    def validation_inputs(self, stream, count):
-        return self.inner.validation_inputs(stream, count)
-
-    def export(self, folder: Path, vae, text_encoder, tokenizer, scheduler, cfg) -> Path:
+    def export(self, folder: Path, vae, text_encoder, tokenizer, scheduler, cfg, text_state=None) -> Path:
         """`folder` gets the Diffusers file, the kohya file (unless DoRA or lora.kohya=false), the resolved
-        config; with lora.fuse, `folder.parent / "pipeline"` the base with this LoRA fused in."""
+        config; with lora.fuse, `folder.parent / "pipeline"` the base with this LoRA fused in. A trained text
+        encoder's adapters (`text_state`) go into both files beside the module's."""
         folder = Path(folder)
-        text = self.text_state() if self.text_encoder is not None else None
+        text = text_state
+        text_encoder = text_encoder if text is not None else None
         with replace_folder(folder) as tmp:
-            save_diffusers_lora(tmp, self.module, self.module_state(), self.text_encoder, text)
+            save_diffusers_lora(tmp, self.module, self.module_state(), text_encoder, text)
             if self.lora.kohya and not self.lora.use_dora:
-                written = save_kohya_lora(tmp / KOHYA_FILE, self.module_state(), self.lora, text, self.text_encoder,
+                written = save_kohya_lora(tmp / KOHYA_FILE, self.module_state(), self.lora, text, text_encoder,
                                           base_model=cfg.model.pretrained, resolution=cfg.data.resolution,
                                           steps=cfg.train.max_steps)
                 if written is None:
                     print(f"no {KOHYA_FILE}: the kohya format names CLIP text encoders only, not a "
-                          f"{type(self.text_encoder).__name__}; {DIFFUSERS_FILE} holds both adapters")
+                          f"{type(text_encoder).__name__}; {DIFFUSERS_FILE} holds both adapters")
             save_config(cfg, tmp / "ldm_config.yaml")
         if self.lora.fuse:
             fused = fused_pipeline(cfg.model.pretrained, [(folder, 1.0)])
@@ -100,5 +86,5 @@ class LoRA(Trainable):
         return folder
 
     def describe(self) -> dict:
-        return {**super().describe(), "rank": self.lora.rank, "alpha": alpha_of(self.lora),
+        return {**Trainable.describe(self), "rank": self.lora.rank, "alpha": alpha_of(self.lora),
                 "targets": list(self.lora.targets), "use_dora": self.lora.use_dora}

@@ -35,6 +35,10 @@ class SketchControlNet(Trainable):
         self.module = self.controlnet
         self.sketch_threshold = cfg.conditioning.sketch.threshold
 
+    def cache_request(self) -> dict:
+        """The cache holds each picture's sketch too (the edges at this threshold)."""
+        return {"sketch_threshold": self.sketch_threshold}
+
     def inputs(self, batch: dict, encoded, stream, device) -> dict:
         positions = [int(p) for p in batch["position"]]
         sketch = (encoded.sketches(batch["index"], batch["position"]) if encoded is not None else
@@ -58,6 +62,6 @@ class SketchControlNet(Trainable):
         sketches = [to_pil(x) for x in sketch_from_pixels(pixels, self.sketch_threshold) * 2 - 1]
         return sketches, {"sketch": sketches, "conditioning_scale": self.cfg.conditioning.sketch.conditioning_scale}
 
-    def export(self, folder, vae, text_encoder, tokenizer, scheduler, cfg):
+    def export(self, folder, vae, text_encoder, tokenizer, scheduler, cfg, text_state=None):
         return export_pipeline(folder, vae, text_encoder, tokenizer, self.unet, scheduler, cfg,
                                controlnet=self.controlnet)

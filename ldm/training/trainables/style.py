@@ -64,6 +64,6 @@ class StyleAdapter(Trainable):
         references = [style_reference(stream.source, stream.usable(stream.index_of(k))[0]) for k in range(count)]
         return references, {"style": references, "style_scale": self.cfg.conditioning.style.scale}
 
-    def export(self, folder, vae, text_encoder, tokenizer, scheduler, cfg):
+    def export(self, folder, vae, text_encoder, tokenizer, scheduler, cfg, text_state=None):
         return export_pipeline(folder, vae, text_encoder, tokenizer, self._load_plain_unet(), scheduler, cfg,
                                style_adapter=self.adapter)
