@@ -25,9 +25,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ldm.errors import UserError
-from ldm.images import save_png
-from ldm.inference.generate import generate
-from ldm.inference.pipeline import SAMPLERS, load_pipeline
 
 HERE = Path(__file__).resolve().parent
 SPACE_REQUIREMENTS = ["torch", "diffusers", "transformers", "safetensors", "peft", "gradio>=5",
@@ -43,6 +40,8 @@ class Models:
     def get(self, model: str, loras: tuple[str, ...]):
         key = (model, loras)
         if key not in self.loaded:
+            from ldm.inference.pipeline import load_pipeline
+
             self.loaded[key] = load_pipeline(model, self.device)
             while len(self.loaded) > self.keep:
                 self.loaded.popitem(last=False)
@@ -67,6 +66,10 @@ def parse_loras(text: str) -> tuple[str, ...]:
 
 def build_app(default_model: str = "", device: str = "cpu", output_dir: str | None = None):
     import gradio as gr
+
+    from ldm.images import save_png
+    from ldm.inference.generate import generate
+    from ldm.inference.pipeline import SAMPLERS
 
     models = Models(device)
     out_root = Path(output_dir or tempfile.mkdtemp(prefix="ldm-app-"))

@@ -31,15 +31,6 @@ import shutil
 from pathlib import Path
 
 from ldm.cli import argument_parser, run_script
-from ldm.config.loading import load_config
-from ldm.errors import ConfigError
-from ldm.evaluation.benchmark import format_report, memory_run, run_benchmark
-from ldm.evaluation.generation_speed import format_few_step, format_generation, time_few_step, time_generation
-from ldm.evaluation.memory import format_sharding_memory, sharding_memory
-from ldm.evaluation.peer import format_peer, run_peer
-from ldm.evaluation.stand_ins import save_stand_ins
-from ldm.shapes import write_imagefolder
-from ldm.training.autoencoder import save_untrained_autoencoder
 
 
 def main() -> None:
@@ -68,6 +59,16 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="with --generation: the fast path without compiling")
     p.add_argument("--memory-run", help=argparse.SUPPRESS)  # one process of --sharding-memory
     a = p.parse_args()
+    # imported after parsing, so that --help answers at once
+    from ldm.config.loading import load_config
+    from ldm.errors import ConfigError
+    from ldm.evaluation.benchmark import format_report, memory_run, run_benchmark
+    from ldm.evaluation.generation_speed import format_few_step, format_generation, time_few_step, time_generation
+    from ldm.evaluation.memory import format_sharding_memory, sharding_memory
+    from ldm.evaluation.peer import format_peer, run_peer
+    from ldm.evaluation.stand_ins import save_stand_ins
+    from ldm.shapes import write_imagefolder
+    from ldm.training.autoencoder import save_untrained_autoencoder
     out = Path(a.out)
     if a.peer_example:
         report = run_peer(Path(a.peer_example), out / "peer", Path(a.peer_pipeline) if a.peer_pipeline else None,

@@ -10,17 +10,18 @@ from pathlib import Path
 from accelerate import PartialState
 
 from ldm.cli import argument_parser, run_script
-from ldm.config.loading import load_config
-from ldm.data.audit import open_audited
-from ldm.data.cache import build_cache, cache_fingerprints
-from ldm.data.stream import SampleStream
-from ldm.models.encoders import FrozenEncoders
-from ldm.models.loading import check_components, load_tokenizer
-from ldm.training.setup import plan_buckets
 
 
 def main() -> None:
     args = argument_parser(__doc__).parse_args()
+    # imported after parsing, so that --help answers at once
+    from ldm.config.loading import load_config
+    from ldm.data.audit import open_audited
+    from ldm.data.cache import build_cache, cache_fingerprints
+    from ldm.data.stream import SampleStream
+    from ldm.models.encoders import FrozenEncoders
+    from ldm.models.loading import check_components, load_tokenizer
+    from ldm.training.setup import plan_buckets
     cfg = load_config(args.config, args.overrides)
     vae_info, _ = check_components(cfg)  # (also points model.* at the pipeline of model.pretrained)
     state = PartialState()

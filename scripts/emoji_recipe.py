@@ -13,14 +13,6 @@ import time
 from pathlib import Path
 
 from ldm.cli import argument_parser, run_script
-from ldm.config.loading import load_config
-from ldm.data.emoji import DEFAULT_HOLDOUT, write_emoji_folder
-from ldm.evaluation.emoji_probe import emoji_probe, format_emoji_scores, save_emoji_probe
-from ldm.images import save_generations
-from ldm.inference.generate import generate
-from ldm.inference.pipeline import load_pipeline
-from ldm.training.autoencoder import train_autoencoder
-from ldm.training.loop import train
 
 
 def main() -> None:
@@ -29,6 +21,15 @@ def main() -> None:
     parser.add_argument("--colour-repeats", type=int, default=8, help="when writing the data folder: rows per "
                         "picture whose name starts with a colour word")
     args = parser.parse_args()
+    # imported after parsing, so that --help answers at once
+    from ldm.config.loading import load_config
+    from ldm.data.emoji import DEFAULT_HOLDOUT, write_emoji_folder
+    from ldm.evaluation.emoji_probe import emoji_probe, format_emoji_scores, save_emoji_probe
+    from ldm.images import save_generations
+    from ldm.inference.generate import generate
+    from ldm.inference.pipeline import load_pipeline
+    from ldm.training.autoencoder import train_autoencoder
+    from ldm.training.loop import train
     cfg = load_config(args.config or "configs/emoji.yaml",
                       ["train.overwrite_output_dir=true", "autoencoder.overwrite_output_dir=true", *args.overrides])
     start = time.time()

@@ -19,11 +19,6 @@ import json
 from pathlib import Path
 
 from ldm.cli import run_script
-from ldm.evaluation.probes import saved_holdout
-from ldm.evaluation.sweeps import plot_sweeps, sweep, sweep_table
-from ldm.inference.pipeline import load_pipeline
-from ldm.shapes import ShapesDataset
-from ldm.training.validation import encode_images, validation_loss
 
 
 def main() -> None:
@@ -41,6 +36,12 @@ def main() -> None:
     p.add_argument("--student-guidance", type=float, default=1.0, help="1: guidance folded in, no unconditional pass")
     p.add_argument("--out", default="outputs/eval")
     a = p.parse_args()
+    # imported after parsing, so that --help answers at once
+    from ldm.evaluation.probes import saved_holdout
+    from ldm.evaluation.sweeps import plot_sweeps, sweep, sweep_table
+    from ldm.inference.pipeline import load_pipeline
+    from ldm.shapes import ShapesDataset
+    from ldm.training.validation import encode_images, validation_loss
     held = saved_holdout(a.model)
     pipe, seeds = load_pipeline(a.model), range(a.seeds)
 

@@ -14,8 +14,6 @@ import json
 from pathlib import Path
 
 from ldm.cli import run_script
-from ldm.evaluation.probes import img2img_probe, saved_holdout, sketch_probe, sketch_scores, style_probe
-from ldm.images import make_grid, save_png
 
 
 def main() -> None:
@@ -29,6 +27,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20), p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--out", default="outputs/eval_conditions")
     a = p.parse_args()
+    # imported after parsing, so that --help answers at once
+    from ldm.evaluation.probes import img2img_probe, saved_holdout, sketch_probe, sketch_scores, style_probe
+    from ldm.images import make_grid, save_png
     out, report = Path(a.out), {}
     out.mkdir(parents=True, exist_ok=True)
     if a.model:

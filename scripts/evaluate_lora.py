@@ -14,10 +14,6 @@ import json
 from pathlib import Path
 
 from ldm.cli import run_script
-from ldm.evaluation.probes import shapes_probe, split_scores
-from ldm.inference.pipeline import load_pipeline
-from ldm.interop.lora import parse_lora
-from ldm.shapes import parse_holdout
 
 
 def _row(name: str, scores: dict, base_rest: float, summary: dict) -> str:
@@ -40,6 +36,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20), p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--out", default="outputs/lora_eval")
     a = p.parse_args()
+    # imported after parsing, so that --help answers at once
+    from ldm.evaluation.probes import shapes_probe, split_scores
+    from ldm.inference.pipeline import load_pipeline
+    from ldm.interop.lora import parse_lora
+    from ldm.shapes import parse_holdout
     concept = parse_holdout(a.concept)
     probe = dict(seeds=range(a.seeds), sampler="dpm++", num_inference_steps=a.steps, guidance_scale=a.guidance)
     results = {"base": {"scores": split_scores(shapes_probe(load_pipeline(a.base), **probe), concept)}}

@@ -5,11 +5,10 @@
 """
 
 import argparse
+from typing import get_args
 
 from ldm.cli import image_argument, run_script, text_argument
-from ldm.images import check_unused, save_generations
-from ldm.inference.generate import generate
-from ldm.inference.pipeline import SAMPLERS
+from ldm.config.schema import Sampler
 
 
 def main() -> None:
@@ -21,7 +20,7 @@ def main() -> None:
     p.add_argument("--guidance-scale", type=float, default=7.5, help="1 disables guidance (no unconditional pass)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="for zero-terminal-SNR models, e.g. 0.7")
     p.add_argument("--steps", type=int, default=25, help="num_inference_steps")
-    p.add_argument("--sampler", default="dpm++", choices=list(SAMPLERS))
+    p.add_argument("--sampler", default="dpm++", choices=list(get_args(Sampler)))
     p.add_argument("--seed", type=int, default=0, help="image j is seeded seed + j")
     p.add_argument("--height", type=int), p.add_argument("--width", type=int)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
@@ -42,6 +41,9 @@ def main() -> None:
     p.add_argument("--out", default="outputs/samples")
     p.add_argument("--overwrite", action="store_true", help="replace images already in --out")
     a = p.parse_args()
+    # imported after parsing, so that --help answers at once
+    from ldm.images import check_unused, save_generations
+    from ldm.inference.generate import generate
     prompts = list(a.prompt)
     if a.prompts_file:
         prompts += [line.strip() for line in text_argument(a.prompts_file, "--prompts-file").splitlines()

@@ -12,7 +12,6 @@ order, so the shards train to the same weights as the folder and share its laten
 import argparse
 
 from ldm.cli import run_script
-from ldm.data.shards import write_shards
 
 
 def main() -> None:
@@ -23,6 +22,8 @@ def main() -> None:
     p.add_argument("--format", choices=["webdataset", "parquet"], default="webdataset")
     p.add_argument("--caption-column", default="text", help="the metadata file's caption column (default text)")
     a = p.parse_args()
+    # imported after parsing, so that --help answers at once
+    from ldm.data.shards import write_shards
     report = write_shards(a.folder, a.out, a.per_shard, a.format, a.caption_column)
     print(f"wrote {report.samples} samples in {len(report.shards)} {a.format} shard(s) to {a.out}")
     for name, why in list(report.skipped.items())[:10]:

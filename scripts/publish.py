@@ -12,11 +12,6 @@ import json
 import sys
 
 from ldm.cli import run_script, text_argument
-from ldm.config.loading import load_config
-from ldm.inference.pipeline import load_pipeline
-from ldm.interop.hub import check_publishable, publish, upload_plan
-from ldm.interop.model_card import card_is_ldms, write_model_card
-from ldm.interop.single_file import export_single_file
 
 
 def main() -> None:
@@ -30,6 +25,13 @@ def main() -> None:
     p.add_argument("--dry-run", action="store_true", help="list what would go up; write and upload nothing")
     p.add_argument("--rewrite-card", action="store_true", help="replace a README.md written or edited by hand")
     a = p.parse_args()
+    # imported after parsing, so that --help answers at once
+    from ldm.config.loading import load_config
+    from ldm.inference.pipeline import load_pipeline
+    from ldm.interop.hub import check_publishable, publish, upload_plan
+    from ldm.interop.model_card import card_is_ldms, write_model_card
+    from ldm.interop.single_file import export_single_file
+    from ldm.training.trainables import card_facts
     folder = check_publishable(a.model)
     saved = folder / "ldm_config.yaml"
     cfg = load_config(saved if saved.is_file() else None, [f"hub.repo_id={a.repo_id}"])
@@ -50,7 +52,7 @@ def main() -> None:
         return
     if single is not None:
         export_single_file(load_pipeline(folder), single, a.single_file)
-    write_model_card(folder, cfg, a.repo_id, evaluation, replace_edited=a.rewrite_card)
+    write_model_card(folder, cfg, a.repo_id, evaluation, replace_edited=a.rewrite_card, facts=card_facts(cfg))
     result = publish(folder, a.repo_id, private=not a.public, retries=a.retries)
     sys.exit(0 if result.ok else 1)
 

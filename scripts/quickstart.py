@@ -13,20 +13,21 @@ import time
 from pathlib import Path
 
 from ldm.cli import argument_parser, run_script
-from ldm.config.loading import load_config
-from ldm.evaluation.probes import format_scores, save_probe, shapes_probe, split_scores
-from ldm.images import save_generations
-from ldm.inference.generate import generate
-from ldm.inference.pipeline import load_pipeline
-from ldm.shapes import parse_holdout
-from ldm.training.autoencoder import train_autoencoder
-from ldm.training.loop import train
 
 
 def main() -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--seeds", type=int, default=2, help="probe seeds per prompt")
     args = parser.parse_args()
+    # imported after parsing, so that --help answers at once
+    from ldm.config.loading import load_config
+    from ldm.evaluation.probes import format_scores, save_probe, shapes_probe, split_scores
+    from ldm.images import save_generations
+    from ldm.inference.generate import generate
+    from ldm.inference.pipeline import load_pipeline
+    from ldm.shapes import parse_holdout
+    from ldm.training.autoencoder import train_autoencoder
+    from ldm.training.loop import train
     # The quickstart is meant to be run again: each run replaces the previous one's folders (say so).
     cfg = load_config(args.config or "configs/quickstart.yaml",
                       ["train.overwrite_output_dir=true", "autoencoder.overwrite_output_dir=true", *args.overrides])

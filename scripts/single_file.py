@@ -10,8 +10,6 @@ The file loads in AUTOMATIC1111 / ComfyUI (CLIP text encoders), in Diffusers' `f
 import argparse
 
 from ldm.cli import run_script
-from ldm.inference.pipeline import load_pipeline
-from ldm.interop.single_file import export_single_file, load_single_file, write_config_folder
 
 
 def main() -> None:
@@ -24,6 +22,9 @@ def main() -> None:
     i = sub.add_parser("import", help="one file -> pipeline folder")
     i.add_argument("--file", required=True), i.add_argument("--out", required=True)
     a = p.parse_args()
+    # imported after parsing, so that --help answers at once
+    from ldm.inference.pipeline import load_pipeline
+    from ldm.interop.single_file import export_single_file, load_single_file, write_config_folder
     if a.command == "export":
         path = export_single_file(load_pipeline(a.model), a.out, a.precision)
         if a.configs:

@@ -4,12 +4,13 @@
 """
 
 from ldm.cli import argument_parser, run_script
-from ldm.config.loading import load_config
-from ldm.training.autoencoder import train_autoencoder
 
 
 def main() -> None:
     args = argument_parser(__doc__).parse_args()
+    # imported after parsing, so that --help answers at once
+    from ldm.config.loading import load_config
+    from ldm.training.autoencoder import train_autoencoder
     train_autoencoder(load_config(args.config, args.overrides))
 
 

@@ -7,9 +7,6 @@
 import json
 
 from ldm.cli import argument_parser, run_script
-from ldm.config.loading import load_config
-from ldm.models.loading import check_components
-from ldm.training.loop import dry_run_report, train
 
 
 def main() -> None:
@@ -17,6 +14,10 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the config and describe the UNet (no weights, no network)")
     args = parser.parse_args()
+    # imported after parsing, so that --help answers at once
+    from ldm.config.loading import load_config
+    from ldm.models.loading import check_components
+    from ldm.training.loop import dry_run_report, train
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         report = dry_run_report(cfg, *check_components(cfg))

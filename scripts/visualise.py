@@ -8,12 +8,7 @@ The forward strip starts from --image, or from a shapes picture of the prompt's 
 import argparse
 from pathlib import Path
 
-from PIL import Image
-
 from ldm.cli import run_script
-from ldm.evaluation.visualisation import forward_strip, guidance_grid, reverse_strip
-from ldm.inference.pipeline import load_pipeline
-from ldm.shapes import ShapeSpec, render
 
 
 def main() -> None:
@@ -24,6 +19,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/visualise")
     a = p.parse_args()
+    # imported after parsing, so that --help answers at once
+    from PIL import Image
+
+    from ldm.evaluation.visualisation import forward_strip, guidance_grid, reverse_strip
+    from ldm.inference.pipeline import load_pipeline
+    from ldm.shapes import ShapeSpec, render
     pipe, out = load_pipeline(a.model), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     start = Image.open(a.image) if a.image else render(ShapeSpec("red", "circle", "top left"), 64)

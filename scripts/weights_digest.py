@@ -17,8 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = "['a red circle in the center', 'a blue square on the left']"
 COMMON = ["data.dataset=shapes", "data.resolution=16", "data.shapes.num_images=32", "train.batch_size=4",
@@ -31,6 +29,7 @@ def tiny_components(root: Path) -> dict[str, str]:
     """A tiny VAE, a 2-layer BERT (the real MiniLM WordPiece vocabulary) and a 2-layer CLIP, seeded."""
     import importlib.resources
 
+    import torch
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, BertConfig, BertModel, CLIPTextConfig, CLIPTextModel
 
@@ -93,6 +92,7 @@ def runs(tiny: dict[str, str], out: Path) -> list[tuple[str, list[str]]]:
 def tensors_digest(path: Path) -> str:
     """SHA-256 over every tensor's name, dtype, shape and bytes (a file's metadata, which names local paths,
     is left out)."""
+    import torch
     from safetensors.torch import load_file
 
     h = hashlib.sha256()

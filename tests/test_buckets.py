@@ -12,8 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides, write_config
+from ldm.config.data import DataConfig
 from ldm.config.loading import load_config
-from ldm.config.schema import DataConfig
 from ldm.data.audit import audit
 from ldm.data.buckets import BucketPlan, bucket_sizes, nearest_bucket, plan_buckets
 from ldm.data.sources import FolderSource

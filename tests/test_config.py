@@ -111,7 +111,7 @@ def test_missing_caption_column_lists_the_columns(write_imagefolder):
 
 
 def test_uncached_hub_id_fails_with_one_clear_offline_message(monkeypatch, recwarn):
-    from ldm.config.schema import VAEConfig
+    from ldm.config.model import VAEConfig
     from ldm.models.loading import load_vae
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

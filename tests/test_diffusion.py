@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ldm.config.schema import SchedulerConfig
+from ldm.config.model import SchedulerConfig
 from ldm.data.stream import StreamBatches
 from ldm.diffusion import (
     ddpm_reverse_step,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_overrides
+from ldm.config.data import DataConfig
 from ldm.config.loading import load_config
-from ldm.config.schema import DataConfig
 from ldm.data import emoji
 from ldm.errors import ConfigError
 

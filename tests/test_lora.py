@@ -245,7 +245,8 @@ def test_every_kohya_module_maps_onto_the_sd15_single_file_layout():
     of ldm's LDM-layout export under the AUTOMATIC1111/ComfyUI renaming; a Diffusers-native file does not."""
     from diffusers import UNet2DConditionModel
 
-    from ldm.config.schema import LoRAConfig, UNetConfig
+    from ldm.config.kinds import LoRAConfig
+    from ldm.config.model import UNetConfig
     from ldm.interop.lora import peft_config, to_kohya, unmapped_modules
     from ldm.interop.single_file import unet_to_ldm
     from ldm.models.building import unet_kwargs

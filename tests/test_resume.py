@@ -31,7 +31,7 @@ RUN = ["data.shapes.num_images=24", "train.batch_size=4", "train.gradient_accumu
 # Runs scripts/train_text2img.py with a test-only slowdown, so the test can SIGKILL it at a chosen point.
 LAUNCHER = """
 import sys, time, runpy
-import ldm.train, ldm.checkpoint
+import ldm.training.loop, ldm.training.checkpoint
 mode, seconds = sys.argv[1], float(sys.argv[2])
 if mode == "step":
     inner = ldm.training.loop.train_step
@@ -40,12 +40,12 @@ if mode == "step":
         return inner(*a, **k)
     ldm.training.loop.train_step = slow_step
 elif mode == "checkpoint":
-    inner = ldm.checkpoint._save_tensors
+    inner = ldm.training.checkpoint._save_tensors
     def slow_save(tensors, path):
         inner(tensors, path)
         if path.name == "unet.safetensors" and "step_000004" in str(path):
             time.sleep(seconds)  # a checkpoint half written: the test kills us here
-    ldm.checkpoint._save_tensors = slow_save
+    ldm.training.checkpoint._save_tensors = slow_save
 sys.argv = ["train_text2img.py"] + sys.argv[3:]
 runpy.run_path("scripts/train_text2img.py", run_name="__main__")
 """

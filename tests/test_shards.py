@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from test_buckets import write_captioned_folder
 
 from conftest import tiny_overrides
+from ldm.config.data import DataConfig
 from ldm.config.loading import load_config
-from ldm.config.schema import DataConfig
 from ldm.data.audit import audit
 from ldm.data.shards import write_shards
 from ldm.data.sources import FolderSource, ShardSource, open_source

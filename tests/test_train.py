@@ -83,7 +83,7 @@ def test_ddpm_sampler_generates_from_the_export(trained):
 
 def test_training_embeddings_equal_the_pipelines(tiny):
     """encode_prompts (training) computes exactly what the exported pipeline computes at inference."""
-    from ldm.config.schema import TextEncoderConfig
+    from ldm.config.model import TextEncoderConfig
     from ldm.models.encoders import encode_prompts
     from ldm.models.loading import load_text_encoder
 

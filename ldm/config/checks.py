@@ -13,8 +13,24 @@ def _require(cond: bool, key: str, message: str) -> None:
 
 
 def check_config(cfg: Config) -> None:
-    m, d, t, s, a = cfg.model, cfg.data, cfg.train, cfg.sample, cfg.autoencoder
-    u = m.unet
+    """Every check of a loaded config, section by section; the first failure raises a ConfigError that names
+    the key and the fix."""
+    _check_counts(cfg)
+    _check_model(cfg)
+    _check_training(cfg)
+    _check_data(cfg)
+    _check_conditioning(cfg)
+    _check_lora(cfg)
+    _check_distillation(cfg)
+    _check_text_encoder(cfg)
+    _check_hub(cfg)
+    _check_data_path(cfg)
+    _check_processes_and_stage_1(cfg)
+
+
+def _check_counts(cfg: Config) -> None:
+    """Counts and ranges that the later checks divide by or rely on."""
+    d, t, s, a, u = cfg.data, cfg.train, cfg.sample, cfg.autoencoder, cfg.model.unet
     # Counts first: the divisibility checks below divide by some of them.
     for key, val in [("model.unet.norm_num_groups", u.norm_num_groups),
                      ("model.unet.attention_head_dim", u.attention_head_dim),
@@ -45,6 +61,11 @@ def check_config(cfg: Config) -> None:
     except LookupError:
         raise ConfigError(f"config key 'data.metadata_encoding': {d.metadata_encoding!r} is not a text encoding "
                           "Python knows; use e.g. utf-8, cp1252 or latin-1") from None
+
+
+def _check_model(cfg: Config) -> None:
+    """The UNet's levels, widths and heads, and the positive integers of every section."""
+    m, d, t, s, a, u = cfg.model, cfg.data, cfg.train, cfg.sample, cfg.autoencoder, cfg.model.unet
     _require(len(u.block_out_channels) >= 1, "model.unet.block_out_channels", "needs at least one level")
     _require(
         len(u.cross_attention) == len(u.block_out_channels),
@@ -76,6 +97,11 @@ def check_config(cfg: Config) -> None:
                      ("autoencoder.batch_size", a.batch_size), ("autoencoder.latent_channels", a.latent_channels),
                      ("data.shapes.num_images", d.shapes.num_images), ("train.log_every", t.log_every)]:
         _require(val > 0, key, f"must be a positive integer, got {val}")
+
+
+def _check_training(cfg: Config) -> None:
+    """The noise schedule, learning rates, cadences, EMA and sampling settings."""
+    m, d, t, s, a = cfg.model, cfg.data, cfg.train, cfg.sample, cfg.autoencoder
     _require(0 < m.scheduler.beta_start < m.scheduler.beta_end < 1, "model.scheduler.beta_start",
              f"need 0 < beta_start < beta_end < 1, got {m.scheduler.beta_start} and {m.scheduler.beta_end}")
     _require(0.0 <= d.caption_dropout < 1.0, "data.caption_dropout", f"must be in [0, 1), got {d.caption_dropout}")
@@ -96,6 +122,11 @@ def check_config(cfg: Config) -> None:
     _require(len(s.prompts) > 0, "sample.prompts", "needs at least one prompt")
     _require(d.num_workers >= 0, "data.num_workers", "must be ≥ 0")
     _require(d.validation_images >= 0, "data.validation_images", "must be ≥ 0")
+
+
+def _check_data(cfg: Config) -> None:
+    """The data section: the shapes world's specs, aspect ratios, bad-data limits, caption lengths."""
+    m, d = cfg.model, cfg.data
     if d.shapes.holdout:
         try:
             parse_holdout(d.shapes.holdout)
@@ -116,7 +147,11 @@ def check_config(cfg: Config) -> None:
     valid_styles = ("white", "grey", "dark")  # ldm.shapes.STYLES (not imported here: config loads first)
     for i, style in enumerate(d.shapes.styles):
         _require(style in valid_styles, f"data.shapes.styles[{i}]", f"{style!r}: choose from {', '.join(valid_styles)}")
-    c = cfg.conditioning
+
+
+def _check_conditioning(cfg: Config) -> None:
+    """Sketch and style conditions, which train on top of a trained model."""
+    m, c = cfg.model, cfg.conditioning
     _require(0.0 <= c.sketch.dropout < 1.0, "conditioning.sketch.dropout", "must be in [0, 1)")
     _require(c.sketch.threshold > 0.0, "conditioning.sketch.threshold", "must be > 0")
     _require(c.type == "text" or m.pretrained is not None or m.unet.path is not None, "conditioning.type",
@@ -124,7 +159,11 @@ def check_config(cfg: Config) -> None:
     _require(0.0 <= c.style.dropout < 1.0, "conditioning.style.dropout", "must be in [0, 1)")
     _require(c.style.encoder_width % 4 == 0 and c.style.encoder_width > 0, "conditioning.style.encoder_width",
              "must be a positive multiple of 4 (4 attention heads)")
-    lo = cfg.lora
+
+
+def _check_lora(cfg: Config) -> None:
+    """A LoRA's rank, alpha and targets, and what it can adapt."""
+    m, c, lo = cfg.model, cfg.conditioning, cfg.lora
     if lo.enabled:
         _require(lo.rank >= 1, "lora.rank", f"must be a positive integer, got {lo.rank}")
         _require(lo.alpha is None or lo.alpha > 0, "lora.alpha", f"must be positive or null (= rank), got {lo.alpha}")
@@ -135,6 +174,11 @@ def check_config(cfg: Config) -> None:
                  "a LoRA adapts a trained model: set model.pretrained to its pipeline (folder or Hub id)")
         _require(c.type == "text", "lora.enabled", f"a LoRA adapts the text-to-image UNet; a {c.type} run trains "
                  "its own small module whole (set lora.enabled=false, or conditioning.type=text)")
+
+
+def _check_distillation(cfg: Config) -> None:
+    """A distillation's teacher, solver grid and loss, and what it combines with."""
+    m, c = cfg.model, cfg.conditioning
     ds = cfg.distill
     if ds.enabled:
         _require(m.pretrained is not None, "distill.enabled",
@@ -154,7 +198,11 @@ def check_config(cfg: Config) -> None:
                  "an LCM-LoRA distils against the student itself: set distill.target_decay=0")
         _require(m.text_encoder.train == "frozen", "model.text_encoder.train",
                  "the teacher and the student share the frozen text encoder in a distillation run: set it 'frozen'")
-    te = m.text_encoder
+
+
+def _check_text_encoder(cfg: Config) -> None:
+    """A trained text encoder: what it trains with, its learning rate."""
+    c, lo, te = cfg.conditioning, cfg.lora, cfg.model.text_encoder
     if te.train != "frozen":
         _require(c.type == "text", "model.text_encoder.train", f"a {c.type} run trains its own module on a frozen "
                  "model; train the text encoder in the text-to-image run (conditioning.type=text)")
@@ -164,6 +212,11 @@ def check_config(cfg: Config) -> None:
     _require(te.train != "full" or not lo.enabled, "model.text_encoder.train",
              "'full' with lora.enabled cannot be exported as LoRA files: use 'lora' (adapters on both), or "
              "lora.enabled=false for a full fine-tune of both")
+
+
+def _check_hub(cfg: Config) -> None:
+    """Publishing settings, and the VAE every latent model needs."""
+    m = cfg.model
     h = cfg.hub
     _require(h.repo_id is None or (h.repo_id.count("/") == 1 and all(h.repo_id.split("/"))), "hub.repo_id",
              f"{h.repo_id!r} must look like 'user-or-org/model-name'")
@@ -171,6 +224,11 @@ def check_config(cfg: Config) -> None:
     _require(not h.push_checkpoints or h.repo_id is not None, "hub.push_checkpoints", "needs hub.repo_id")
     _require(m.vae.path is not None, "model.vae.path",
              "a latent model needs a VAE: a Hub id, a folder, or the output of scripts/train_autoencoder.py")
+
+
+def _check_data_path(cfg: Config) -> None:
+    """What the cache, tag shuffling, streaming and buckets combine with."""
+    d = cfg.data
     if d.cache:
         _require(d.center_crop, "data.cache",
                  "caches each image once, so it cannot be combined with random crops "
@@ -193,6 +251,11 @@ def check_config(cfg: Config) -> None:
     _require(b.max_aspect_ratio >= 1.0, "data.buckets.max_aspect_ratio", f"must be ≥ 1, got {b.max_aspect_ratio}")
     if b.min_side is not None and b.max_side is not None:
         _require(b.min_side <= b.max_side, "data.buckets.min_side", f"{b.min_side} exceeds max_side {b.max_side}")
+
+
+def _check_processes_and_stage_1(cfg: Config) -> None:
+    """Sharding, then the autoencoder's widths."""
+    a = cfg.autoencoder
     check_sharding(cfg)
     for i, ch in enumerate(a.block_out_channels):
         _require(ch > 0 and ch % a.norm_num_groups == 0, f"autoencoder.block_out_channels[{i}]",

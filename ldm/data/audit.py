@@ -10,7 +10,7 @@ from typing import Optional
 
 from PIL import Image
 
-from ldm.config.schema import DataConfig
+from ldm.config.data import DataConfig
 from ldm.data.decode import BadSample, Caption, caption_variants, to_rgb
 from ldm.data.sources import ShapesSource, Source, open_source
 from ldm.errors import ConfigError

@@ -26,7 +26,7 @@ from typing import Optional, Protocol
 
 from PIL import Image
 
-from ldm.config.schema import DataConfig
+from ldm.config.data import DataConfig
 from ldm.data.decode import BadSample, Caption, decode_image, normalise_caption
 from ldm.errors import ConfigError
 from ldm.shapes import ShapesDataset, parse_holdout

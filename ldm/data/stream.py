@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 import torch
 from PIL import Image
 
-from ldm.config.schema import DataConfig
+from ldm.config.data import DataConfig
 from ldm.data.audit import record_after_audit
 from ldm.data.buckets import BucketPlan, bucket_sizes, plan_buckets
 from ldm.data.decode import BadSample, Caption, caption_variants, to_rgb

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ldm.config.schema import DataConfig
+from ldm.config.data import DataConfig
 from ldm.data.decode import Caption, caption_variants, to_rgb
 from ldm.diffusion import AUGMENT_STREAM, CAPTION_STREAM, sample_generator
 

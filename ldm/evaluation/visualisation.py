@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from ldm.config.schema import DataConfig
+from ldm.config.data import DataConfig
 from ldm.data.transforms import prepare_image
 from ldm.images import make_grid
 from ldm.inference.generate import generate

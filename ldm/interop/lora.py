@@ -25,7 +25,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from safetensors.torch import save_file
 
-from ldm.config.schema import LoRAConfig
+from ldm.config.kinds import LoRAConfig
 from ldm.errors import ConfigError
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name `load_lora_weights(folder)` looks for

@@ -89,8 +89,10 @@ def _evaluation_rows(evaluation: dict) -> list[str]:
 
 
 def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
-               evaluation: Optional[dict] = None):
-    """A `huggingface_hub.ModelCard` for the pipeline in `folder` trained with `cfg`."""
+               evaluation: Optional[dict] = None, facts: Optional[dict] = None):
+    """A `huggingface_hub.ModelCard` for the pipeline in `folder` trained with `cfg`; `facts`: what the kind that
+    trained says of itself (a distilled student: how to sample it)."""
+    facts = facts or {}
     import json
 
     from huggingface_hub import ModelCard, ModelCardData
@@ -98,7 +100,7 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
     folder = Path(folder)
     cfg = public_config(cfg)  # the card is for others: no local paths
     if (folder / "pytorch_lora_weights.safetensors").is_file():
-        return lora_card(folder, cfg, repo_id, evaluation)
+        return lora_card(folder, cfg, repo_id, evaluation, facts)
     unet, vae = (json.loads((folder / sub / "config.json").read_text()) for sub in ("unet", "vae"))
     text = json.loads((folder / "text_encoder" / "config.json").read_text())
     name = repo_id or cfg.hub.repo_id or folder.name
@@ -108,7 +110,7 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
     data = ModelCardData(
         library_name="diffusers", pipeline_tag="text-to-image", license=cfg.hub.license,
         tags=["ldm", "text-to-image", "diffusers", "latent-diffusion",
-              *(["lcm", "latent-consistency"] if cfg.distill.enabled else []),
+              *(["lcm", "latent-consistency"] if "distilled" in facts else []),
               *(["controlnet"] if (folder / "controlnet").is_dir() else []),
               *(["ip-adapter"] if (folder / "ip_adapter").is_dir() else []), *cfg.hub.tags],
         base_model=base if _is_hub_id(base) else None,
@@ -147,7 +149,7 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
           if (folder / "ip_adapter").is_dir() else []), "",
         f"Noise schedule: {cfg.model.scheduler.beta_schedule}, T = {cfg.model.scheduler.num_train_timesteps}, "
         f"{cfg.model.scheduler.prediction_type} prediction. Default sampler: {s.sampler}.", "",
-        *_distill_lines(cfg, lora=False), *_demo_lines(folder, name), *_training_lines(cfg),
+        *_distill_lines(cfg, facts, lora=False), *_demo_lines(folder, name), *_training_lines(cfg),
         *_samples_and_evaluation(folder, evaluation),
     ]
     singles = sorted(p.name for p in folder.glob("*.safetensors") if is_model_file(p))
@@ -178,11 +180,12 @@ def card_is_ldms(path: Path) -> bool:
     return bool(found) and hashlib.sha256(text[:found.start()].encode()).hexdigest()[:16] == found.group(1)
 
 
-def _distill_lines(cfg: Config, lora: bool) -> list[str]:
-    """How to sample a distilled student: the steps and guidance it was made for."""
-    d = cfg.distill
-    if not d.enabled:
+def _distill_lines(cfg: Config, facts: dict, lora: bool) -> list[str]:
+    """How to sample a distilled student (`facts["distilled"]`, from its kind): the steps and guidance it was
+    made for."""
+    if "distilled" not in facts:
         return []
+    d = cfg.distill
     return [
         "## Few-step sampling", "",
         f"Distilled from `{cfg.model.pretrained}` by latent consistency distillation (Luo et al. 2023): the "
@@ -245,8 +248,10 @@ def _samples_and_evaluation(folder: Path, evaluation: Optional[dict]) -> list[st
     return lines
 
 
-def lora_card(folder: Path, cfg: Config, repo_id: Optional[str] = None, evaluation: Optional[dict] = None):
+def lora_card(folder: Path, cfg: Config, repo_id: Optional[str] = None, evaluation: Optional[dict] = None,
+              facts: Optional[dict] = None):
     """The card of a LoRA folder: base model, rank, alpha, targets, trigger words, how to load it."""
+    facts = facts or {}
     from huggingface_hub import ModelCard, ModelCardData
 
     lo, s = cfg.lora, cfg.sample
@@ -255,7 +260,7 @@ def lora_card(folder: Path, cfg: Config, repo_id: Optional[str] = None, evaluati
     alpha = lo.alpha if lo.alpha is not None else lo.rank
     data = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", license=cfg.hub.license,
                          tags=["ldm", "lora", "text-to-image", "diffusers", *(["dora"] if lo.use_dora else []),
-                               *(["lcm", "latent-consistency"] if cfg.distill.enabled else []),
+                               *(["lcm", "latent-consistency"] if "distilled" in facts else []),
                                *cfg.hub.tags],
                          base_model=base if _is_hub_id(base) else None,
                          instance_prompt=", ".join(lo.trigger_words) or None)
@@ -276,16 +281,17 @@ def lora_card(folder: Path, cfg: Config, repo_id: Optional[str] = None, evaluati
         f"guidance_scale={s.guidance_scale}).images[0]", "```", "",
         *(["`lora_kohya.safetensors` holds the same adapter in the kohya-ss format (`lora_unet_…`, per-module "
            "alpha) for AUTOMATIC1111 and ComfyUI.", ""] if kohya else []),
-        *_distill_lines(cfg, lora=True), *_training_lines(cfg), *_samples_and_evaluation(folder, evaluation),
+        *_distill_lines(cfg, facts, lora=True), *_training_lines(cfg), *_samples_and_evaluation(folder, evaluation),
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
 def write_model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
                      evaluation: Optional[dict] = None, images: tuple[Path, ...] = (),
-                     replace_edited: bool = False) -> Path:
+                     replace_edited: bool = False, facts: Optional[dict] = None) -> Path:
     """Copy `images` into folder/images and write folder/README.md. A README.md written or edited by hand is
-    kept (unless `replace_edited`): only a card exactly as ldm wrote it is regenerated."""
+    kept (unless `replace_edited`): only a card exactly as ldm wrote it is regenerated. `facts`: what the kind
+    that trained says of itself (ldm.training.trainables.card_facts)."""
     folder = Path(folder)
     path = folder / "README.md"
     if not replace_edited and not card_is_ldms(path):
@@ -294,7 +300,7 @@ def write_model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = N
     for image in images:
         (folder / "images").mkdir(exist_ok=True)
         (folder / "images" / Path(image).name).write_bytes(Path(image).read_bytes())
-    path.write_text(_stamp(str(model_card(folder, cfg, repo_id, evaluation))), encoding="utf-8")
+    path.write_text(_stamp(str(model_card(folder, cfg, repo_id, evaluation, facts))), encoding="utf-8")
     return path
 
 

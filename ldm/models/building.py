@@ -5,11 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from ldm.config.schema import (
-    Config,
-    SchedulerConfig,
-    UNetConfig,
-)
+from ldm.config.model import SchedulerConfig, UNetConfig
+from ldm.config.schema import Config
 from ldm.errors import ConfigError
 from ldm.models.loading import TextEncoderInfo, VAEInfo, _load, resolve_path
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL
 
-from ldm.config.schema import (
-    ModelConfig,
-)
+from ldm.config.model import ModelConfig
 from ldm.models.loading import load_text_encoder, load_vae
 
 

@@ -22,12 +22,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from ldm.config.checks import check_config
-from ldm.config.schema import (
-    Config,
-    TextEncoderConfig,
-    VAEConfig,
-    downsampling_factor,
-)
+from ldm.config.model import TextEncoderConfig, VAEConfig
+from ldm.config.schema import Config, downsampling_factor
 from ldm.errors import ConfigError
 
 T = TypeVar("T")

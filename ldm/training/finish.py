@@ -20,6 +20,7 @@ from ldm.models.encoders import FrozenEncoders
 from ldm.training.checkpoint import save_training_state
 from ldm.training.setup import Models, Optimisation, Run
 from ldm.training.sharding import Sharded, full, held, whole_weights
+from ldm.training.trainables import card_facts
 from ldm.training.trainables.base import Trainable
 from ldm.training.validation import ema_weights, log_validation_loss, validate
 
@@ -109,7 +110,7 @@ def checkpoint(run: Run, models: Models, opt: Optimisation, step: int, progress:
         staging = run.out / "hub_staging"
         with evaluation_weights(models.trainable, opt.ema, cfg, None, True):
             export(models.trainable, staging, models.frozen, models.scheduler, cfg)
-        write_model_card(staging, cfg)
+        write_model_card(staging, cfg, facts=card_facts(cfg))
         publisher.submit(staging, f"ldm: checkpoint at step {step}")
 
 
@@ -173,7 +174,7 @@ def finish(run: Run, stream, models: Models, opt: Optimisation, progress: Progre
                                     accelerator)
     if run.main:
         grids = sorted((run.out / "validation").glob("step_*.png"))
-        write_model_card(folder, cfg, images=tuple(grids[-1:]))
+        write_model_card(folder, cfg, images=tuple(grids[-1:]), facts=card_facts(cfg))
         write_summary(run.out / "train_summary.json", trainable, step - first_step, loop_seconds, folder,
                       run.ckpt_root, run.device)
         if progress.publisher is not None:

@@ -14,7 +14,8 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
-from ldm.config.schema import Config, DataConfig
+from ldm.config.data import DataConfig
+from ldm.config.schema import Config
 from ldm.data.audit import record_after_audit
 from ldm.data.decode import BadSample
 from ldm.data.stream import SampleStream

@@ -10,6 +10,7 @@ import torch
 from ldm.config.schema import Config
 from ldm.training.trainables.base import Trainable
 from ldm.training.trainables.distillation import ConsistencyDistillation
+from ldm.training.trainables.distillation import card_facts as distillation_card_facts
 from ldm.training.trainables.lora import LoRA
 from ldm.training.trainables.sketch import SketchControlNet
 from ldm.training.trainables.style import StyleAdapter
@@ -24,6 +25,9 @@ KINDS: dict[str, Callable[..., Trainable]] = {
     "distillation": lambda cfg, unet, load_unet, vae_downsample, text: ConsistencyDistillation(cfg, unet, text),
 }
 
+# What a kind's model card says of it, beyond the config (ldm.interop.model_card renders it).
+CARD_FACTS: dict[str, Callable[[Config], dict]] = {"distillation": distillation_card_facts}
+
 # Where a run's export can go (a run folder keeps these apart from what it may delete).
 EXPORT_FOLDERS = tuple(dict.fromkeys((Trainable.export_folder, "lora")))
 
@@ -31,6 +35,12 @@ EXPORT_FOLDERS = tuple(dict.fromkeys((Trainable.export_folder, "lora")))
 def kind_of(cfg: Config) -> str:
     """The row of `KINDS` a config trains: a distillation, or the conditioning type."""
     return "distillation" if cfg.distill.enabled else cfg.conditioning.type
+
+
+def card_facts(cfg: Config) -> dict:
+    """The facts the model card of what `cfg` trains shows ({} for most kinds)."""
+    facts = CARD_FACTS.get(kind_of(cfg))
+    return facts(cfg) if facts is not None else {}
 
 
 def build_trainable(cfg: Config, load_unet: Callable[[], torch.nn.Module], vae_downsample: int,

@@ -145,3 +145,10 @@ def lcm_scheduler(scheduler, cfg: Config):
     from diffusers import LCMScheduler
 
     return LCMScheduler.from_config(scheduler.config, original_inference_steps=cfg.distill.num_ddim_timesteps)
+
+
+def card_facts(cfg: Config) -> dict:
+    """What a distilled student's model card says of it: how it was distilled."""
+    d = cfg.distill
+    return {"distilled": {"method": "latent consistency", "guidance_scale": d.guidance_scale,
+                          "num_ddim_timesteps": d.num_ddim_timesteps}}

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
+from ldm.config.kinds import LoRAConfig
 from ldm.config.loading import save_config
-from ldm.config.schema import LoRAConfig
 from ldm.errors import ConfigError
 from ldm.inference.pipeline import fused_pipeline
 from ldm.interop.lora import DIFFUSERS_FILE, KOHYA_FILE, alpha_of, peft_config, save_diffusers_lora, save_kohya_lora

@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 import torch
 
-from ldm.config.schema import LoRAConfig
+from ldm.config.kinds import LoRAConfig
 from ldm.errors import ConfigError
 from ldm.interop.lora import peft_config
 from ldm.models.encoders import text_embeddings
