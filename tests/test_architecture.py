@@ -150,6 +150,7 @@ def test_every_wrapper_forwards_or_overrides_the_whole_interface():
         assert unforwarded(wrapper, Trainable) == [], wrapper.__name__
     # negative control: a method added to the interface and not to the wrapper is found
     extended = type("Extended", (Trainable,), {"new_method": lambda self: None})
-    half = type("Half", (extended,), {name: getattr(Wrapper, name) for name in vars(Wrapper) if not name.startswith("__")})
+    forwarding = {name: getattr(Wrapper, name) for name in vars(Wrapper) if not name.startswith("__")}
+    half = type("Half", (extended,), forwarding)
     assert unforwarded(half, extended) == ["new_method"]
 

@@ -31,4 +31,6 @@ def test_ci_runs_the_readme_test_command():
     commands = [line for line in readme[:12] if line.startswith("python3 -m venv")]
     assert len(commands) == 2 and commands[0].endswith("python scripts/quickstart.py")
     ci = (ROOT / ".ci" / "run").read_text()
-    assert commands[1].replace("pip install ", "pip install -q ") in ci
+    steps = commands[1].replace("pip install ", "pip install -q ").split(" && ")
+    places = [ci.find(step) for step in steps]
+    assert -1 not in places and places == sorted(places), f"CI must run, in order: {steps}"

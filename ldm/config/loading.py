@@ -1,4 +1,5 @@
-"""Config files: YAML read strictly (duplicate keys refused), dotted overrides applied, the result checked; and saved."""
+"""Config files: YAML read strictly (duplicate keys refused), dotted overrides applied, the result checked; and
+saved."""
 
 from __future__ import annotations
 

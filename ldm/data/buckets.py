@@ -1,4 +1,5 @@
-"""Aspect-ratio buckets: the sizes, each image's nearest one, and the epoch's batch plan (a function of seed and epoch alone)."""
+"""Aspect-ratio buckets: the sizes, each image's nearest one, and the epoch's batch plan (a function of seed and
+epoch alone)."""
 
 from __future__ import annotations
 

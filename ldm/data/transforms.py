@@ -1,4 +1,5 @@
-"""A decoded picture to pixel_values: resize, crop (centre or random), flip, [-1, 1]; the caption chosen per use. Every random decision is keyed by (seed, stream position)."""
+"""A decoded picture to pixel_values: resize, crop (centre or random), flip, [-1, 1]; the caption chosen per use.
+Every random decision is keyed by (seed, stream position)."""
 
 from __future__ import annotations
 

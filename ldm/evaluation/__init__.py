@@ -1,1 +1,2 @@
-"""Measuring: probes, sweeps, pictures of the process, the benchmark, the peer comparison. Nothing else in ldm imports it."""
+"""Measuring: probes, sweeps, pictures of the process, the benchmark, the peer comparison. Nothing else in ldm
+imports it."""

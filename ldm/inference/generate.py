@@ -115,52 +115,26 @@ class Generated:
     params: dict = field(default_factory=dict)
 
 
-def generate(
-    model: Union[str, Path, StableDiffusionPipeline],
-    prompts: Sequence[str],
-    negative_prompt: Optional[str] = None,
-    guidance_scale: float = 7.5,
-    num_inference_steps: int = 25,
-    sampler: str = "dpm++",
-    seed: int = 0,
-    height: Optional[int] = None,
-    width: Optional[int] = None,
-    num_images_per_prompt: int = 1,
-    batch_size: int = 16,
-    device: Union[str, torch.device] = "cpu",
-    guidance_rescale: float = 0.0,
-    init_image: Union[None, Image.Image, Sequence[Image.Image]] = None,
-    strength: float = 0.6,
-    sketch: Union[None, Image.Image, Sequence[Image.Image]] = None,
-    conditioning_scale: float = 1.0,
-    style: Union[None, Image.Image, Sequence[Image.Image]] = None,
-    style_scale: float = 1.0,
-    loras: Sequence = (),
-    on_step: Optional[Callable[[float], None]] = None,
-    fast: bool = False,
-) -> list[Generated]:
-    """Generate `num_images_per_prompt` images for each prompt; returns them with their parameters.
-
-    With `init_image` (one image, or one per prompt) this is image-to-image (SDEdit, Meng et al. 2022):
-    the image's latents are noised to `strength` × T and denoised with the prompt, through Diffusers'
-    `StableDiffusionImg2ImgPipeline` sharing the same components. Low strength keeps the layout,
-    high strength follows the prompt; only ⌊strength × num_inference_steps⌋ steps run.
-
-    A ControlNet pipeline (trained with conditioning.type=sketch) needs `sketch` (one, or one per
-    prompt); `conditioning_scale` scales its residuals, independently of the text's `guidance_scale`.
-    A pipeline with a style adapter takes `style` (a reference picture, or one per prompt) and `style_scale`;
-    without `style` it draws from the text alone.
-
-    `loras`: LoRA files or exported lora/ folders (Diffusers or kohya format), each `path`, `"path:scale"` or
-    `(path, scale)`, loaded into the pipeline with Diffusers' `load_lora_weights` and applied together.
-
-    `on_step(fraction)` is called after every denoising step with the fraction of the whole call done (a
-    progress bar's value); it sees no tensors and cannot change the result.
-
-    `fast=True` prepares the pipeline once with `make_fast` (channels-last, the UNet compiled with its weights
-    frozen in, the text's keys and values projected once per call, bf16 where the hardware has it) and gives
-    every call of the job the same batch shape, so nothing recompiles. Images then match the plain pipeline's
-    within the tolerance the README states, not pixel for pixel; the first call pays the compile."""
+def generate(model: Union[str, Path, StableDiffusionPipeline], prompts: Sequence[str],
+             negative_prompt: Optional[str] = None, guidance_scale: float = 7.5, num_inference_steps: int = 25,
+             sampler: str = "dpm++", seed: int = 0, height: Optional[int] = None, width: Optional[int] = None,
+             num_images_per_prompt: int = 1, batch_size: int = 16, device: Union[str, torch.device] = "cpu",
+             guidance_rescale: float = 0.0, init_image: Union[None, Image.Image, Sequence[Image.Image]] = None,
+             strength: float = 0.6, sketch: Union[None, Image.Image, Sequence[Image.Image]] = None,
+             conditioning_scale: float = 1.0, style: Union[None, Image.Image, Sequence[Image.Image]] = None,
+             style_scale: float = 1.0, loras: Sequence = (), on_step: Optional[Callable[[float], None]] = None,
+             fast: bool = False) -> list[Generated]:
+    """Generate `num_images_per_prompt` images for each prompt (image j seeded `seed + j`); returns them with
+    the parameters each PNG records. Modes, each checked against the pipeline:
+    - `init_image` (one, or one per prompt): image-to-image (SDEdit, Meng et al. 2022) through Diffusers'
+      `StableDiffusionImg2ImgPipeline` on the same components; ⌊strength × num_inference_steps⌋ steps run.
+    - `sketch` (a ControlNet pipeline, conditioning.type=sketch): `conditioning_scale` scales its residuals.
+    - `style` (a pipeline with a style adapter): a reference picture, or one per prompt, at `style_scale`.
+    `loras`: LoRA files or lora/ folders (Diffusers or kohya format) as `path`, `"path:scale"` or `(path, scale)`.
+    `on_step(fraction)` is called after every denoising step with the fraction of the whole call done.
+    `fast=True` applies `make_fast` once (channels-last, the UNet compiled with frozen weights, the text's keys
+    and values projected once per call, bf16 where the hardware has it) and keeps one batch shape per job;
+    images then match the plain pipeline's within the documented tolerance, and the first call compiles."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
@@ -169,48 +143,13 @@ def generate(
                      num_images_per_prompt=num_images_per_prompt, batch_size=batch_size, height=height, width=width,
                      guidance_rescale=guidance_rescale, conditioning_scale=conditioning_scale, style_scale=style_scale)
     pipe = model if hasattr(model, "unet") else load_pipeline(str(model), device)
-    if fast and (loras or getattr(pipe, "_ldm_fast", None) is None and _has_adapters(pipe)):
-        raise ConfigError("fast=True (--fast) compiles the UNet with its weights frozen in, so LoRAs cannot be "
-                          "loaded into it or swapped: generate with fast=False, or fuse the LoRA into a pipeline "
-                          "you save and load that")
-    if loras:
-        load_loras(pipe, loras)
-    controlled = isinstance(pipe, StableDiffusionControlNetPipeline)
-    if controlled != (sketch is not None):
-        raise ConfigError("a sketch goes with a ControlNet pipeline and only with one: this pipeline "
-                         + ("has a ControlNet; give sketch=…" if controlled else "has no ControlNet"))
-    if controlled and init_image is not None:
-        raise ConfigError("image-to-image with a sketch is not supported; use one or the other")
-    styled = getattr(pipe, "image_encoder", None) is not None
-    if style is not None and not styled:
-        raise ConfigError("style= needs a pipeline trained with conditioning.type=style (it has no image encoder)")
-    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    if fast:
-        make_fast(pipe)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    height, width = height or size, width or size
-    # The UNet halves the latents once per level below the first; Diffusers' pipelines also ask for 8 px.
-    multiple = math.lcm(8, pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1))
-    for name, value in (("height", height), ("width", width)):
-        if value % multiple:
-            nearest = max(multiple, round(value / multiple) * multiple)
-            raise ConfigError(f"{name} {value}: this model generates sizes that are multiples of {multiple} px "
-                              f"(its VAE and UNet downsampling, and Diffusers' 8 px); try {nearest}")
+    styled = _prepare_pipeline(pipe, sampler, loras, fast, init_image, sketch, style)
+    height, width = _output_size(pipe, height, width)
     sketches = _per_prompt(sketch, prompts, "sketches", width, height) if sketch is not None else []
     references = _per_prompt(style, prompts, "style references") if style is not None else []
     if styled:
         pipe.set_ip_adapter_scale(style_scale if references else 0.0)
-    inits: list = []
-    if init_image is not None:
-        if not 0.0 < strength <= 1.0:
-            raise ConfigError(f"strength {strength}: must be in (0, 1] (0 would return the input unchanged)")
-        if int(num_inference_steps * strength) < 1:  # Diffusers runs ⌊steps × strength⌋ steps
-            raise ConfigError(f"strength {strength} × {num_inference_steps} steps leaves no denoising step; "
-                             "raise num_inference_steps or strength")
-        inits = _per_prompt(init_image, prompts, "init images", width, height)
-        runner = StableDiffusionImg2ImgPipeline(**pipe.components)
-        runner.set_progress_bar_config(disable=True)
+    inits, runner = _image_to_image(pipe, init_image, strength, num_inference_steps, prompts, width, height)
     jobs = [(p, seed + j, k) for j, (k, p) in
             enumerate((k, p) for k, p in enumerate(prompts) for _ in range(num_images_per_prompt))]
     # Fast: every distinct prompt (and the negative one) through the text encoder once per job, not once per image.
@@ -231,16 +170,7 @@ def generate(
                       guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                       generator=generators, output_type="pil")
         if encoded is not None:  # each distinct prompt was encoded once for the whole job
-            del common["prompt"], common["negative_prompt"]
-            common["prompt_embeds"] = torch.cat([encoded[p] for p, _, _ in chunk])
-            if guidance_scale > 1.0:
-                common["negative_prompt_embeds"] = encoded[None].expand(len(chunk), -1, -1)
-            if pipe._ldm_fast.text_kv:  # the UNet's batch: Diffusers puts the negative half first
-                guided = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
-                embeds = common["prompt_embeds"]
-                if guided:
-                    embeds = torch.cat([common["negative_prompt_embeds"], embeds])
-                common["cross_attention_kwargs"] = {"text_kv": text_kv_table(pipe, embeds)}
+            _use_encoded(common, pipe, encoded, [p for p, _, _ in chunk], guidance_scale)
         if on_step is not None:
             def progress(p, i, t, kwargs, n=n):
                 on_step((n + (i + 1) / max(p.num_timesteps, 1)) / len(chunks))
@@ -257,17 +187,93 @@ def generate(
                           height=height, width=width, **common).images
         else:
             images = pipe(guidance_rescale=guidance_rescale, height=height, width=width, **common).images
-        for (prompt, s, _), image in zip(chunk[:wanted], images):
-            params = dict(prompt=prompt, negative_prompt=negative_prompt or "", seed=s, sampler=sampler,
-                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          guidance_rescale=guidance_rescale, height=height, width=width)
-            if inits:
-                params["strength"] = strength
-            if sketches:
-                params["conditioning_scale"] = conditioning_scale
-            if references:
-                params["style_scale"] = style_scale
-            if loras:
-                params["loras"] = [f"{Path(p).name}:{s:g}" for p, s in map(parse_lora, loras)]
-            out.append(Generated(image, prompt, s, params))
+        params = _recorded(negative_prompt, sampler, num_inference_steps, guidance_scale, guidance_rescale, height,
+                           width, strength if inits else None, conditioning_scale if sketches else None,
+                           style_scale if references else None, loras)
+        out += [Generated(image, prompt, s, dict(prompt=prompt, negative_prompt=params["negative_prompt"], seed=s,
+                                                 **{k: v for k, v in params.items() if k != "negative_prompt"}))
+                for (prompt, s, _), image in zip(chunk[:wanted], images)]
     return out
+
+
+def _use_encoded(common: dict, pipe, encoded: dict, prompts: list[str], guidance_scale: float) -> None:
+    """Replace a call's prompts by the embeddings encoded once per job (and, with the text's keys and values
+    table of the fast path, project them once per call)."""
+    del common["prompt"], common["negative_prompt"]
+    common["prompt_embeds"] = torch.cat([encoded[p] for p in prompts])
+    if guidance_scale > 1.0:
+        common["negative_prompt_embeds"] = encoded[None].expand(len(prompts), -1, -1)
+    if pipe._ldm_fast.text_kv:  # the UNet's batch: Diffusers puts the negative half first
+        guided = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+        embeds = common["prompt_embeds"]
+        if guided:
+            embeds = torch.cat([common["negative_prompt_embeds"], embeds])
+        common["cross_attention_kwargs"] = {"text_kv": text_kv_table(pipe, embeds)}
+
+
+def _recorded(negative_prompt, sampler, num_inference_steps, guidance_scale, guidance_rescale, height, width,
+              strength, conditioning_scale, style_scale, loras) -> dict:
+    """The parameters a generated picture records (in its PNG): the mode's own only where the mode was used."""
+    params = dict(negative_prompt=negative_prompt or "", sampler=sampler, num_inference_steps=num_inference_steps,
+                  guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height, width=width)
+    for name, value in (("strength", strength), ("conditioning_scale", conditioning_scale),
+                        ("style_scale", style_scale)):
+        if value is not None:
+            params[name] = value
+    if loras:
+        params["loras"] = [f"{Path(p).name}:{s:g}" for p, s in map(parse_lora, loras)]
+    return params
+
+
+def _prepare_pipeline(pipe, sampler: str, loras: Sequence, fast: bool, init_image, sketch, style) -> bool:
+    """Check that the pipeline takes the asked mode, load the LoRAs, set the sampler (and the fast path);
+    whether the pipeline has a style adapter."""
+    if fast and (loras or getattr(pipe, "_ldm_fast", None) is None and _has_adapters(pipe)):
+        raise ConfigError("fast=True (--fast) compiles the UNet with its weights frozen in, so LoRAs cannot be "
+                          "loaded into it or swapped: generate with fast=False, or fuse the LoRA into a pipeline "
+                          "you save and load that")
+    if loras:
+        load_loras(pipe, loras)
+    controlled = isinstance(pipe, StableDiffusionControlNetPipeline)
+    if controlled != (sketch is not None):
+        raise ConfigError("a sketch goes with a ControlNet pipeline and only with one: this pipeline "
+                         + ("has a ControlNet; give sketch=…" if controlled else "has no ControlNet"))
+    if controlled and init_image is not None:
+        raise ConfigError("image-to-image with a sketch is not supported; use one or the other")
+    styled = getattr(pipe, "image_encoder", None) is not None
+    if style is not None and not styled:
+        raise ConfigError("style= needs a pipeline trained with conditioning.type=style (it has no image encoder)")
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if fast:
+        make_fast(pipe)
+    return styled
+
+
+def _output_size(pipe, height: Optional[int], width: Optional[int]) -> tuple[int, int]:
+    """(height, width): the pipeline's native size where not given; a size it cannot generate is refused."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = height or size, width or size
+    # The UNet halves the latents once per level below the first; Diffusers' pipelines also ask for 8 px.
+    multiple = math.lcm(8, pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1))
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple:
+            nearest = max(multiple, round(value / multiple) * multiple)
+            raise ConfigError(f"{name} {value}: this model generates sizes that are multiples of {multiple} px "
+                              f"(its VAE and UNet downsampling, and Diffusers' 8 px); try {nearest}")
+    return height, width
+
+
+def _image_to_image(pipe, init_image, strength: float, num_inference_steps: int, prompts: Sequence[str],
+                    width: int, height: int) -> tuple[list, Optional[StableDiffusionImg2ImgPipeline]]:
+    """(init images per prompt, the image-to-image pipeline sharing `pipe`'s components), or ([], None)."""
+    if init_image is None:
+        return [], None
+    if not 0.0 < strength <= 1.0:
+        raise ConfigError(f"strength {strength}: must be in (0, 1] (0 would return the input unchanged)")
+    if int(num_inference_steps * strength) < 1:  # Diffusers runs ⌊steps × strength⌋ steps
+        raise ConfigError(f"strength {strength} × {num_inference_steps} steps leaves no denoising step; "
+                          "raise num_inference_steps or strength")
+    runner = StableDiffusionImg2ImgPipeline(**pipe.components)
+    runner.set_progress_bar_config(disable=True)
+    return _per_prompt(init_image, prompts, "init images", width, height), runner

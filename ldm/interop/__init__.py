@@ -1,1 +1,2 @@
-"""Every format other than ldm's own: LoRA files (Diffusers and kohya), the single-file checkpoint, the Hub (model cards, uploads)."""
+"""Every format other than ldm's own: LoRA files (Diffusers and kohya), the single-file checkpoint, the Hub (model
+cards, uploads)."""

@@ -1,1 +1,2 @@
-"""Loading and building components: the VAE, the text encoder and tokenizer, the UNet, the noise scheduler; the ControlNet and the style adapter."""
+"""Loading and building components: the VAE, the text encoder and tokenizer, the UNet, the noise scheduler; the
+ControlNet and the style adapter."""

@@ -55,7 +55,8 @@ def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[i
     encoded = fill_cache(run, stream, models, show_progress)  # 4. what the frozen encoders compute, once
     opt = build_optimisation(run, models)  # 5. optimizer, LR schedule, EMA, wrapped modules
     step, start_micro = resume(run, models, opt)  # 6. a checkpoint's state, or step 0
-    trainable, accelerator, device, k_accum = models.trainable, run.accelerator, run.device, t.gradient_accumulation_steps
+    trainable, accelerator, device = models.trainable, run.accelerator, run.device
+    k_accum = t.gradient_accumulation_steps
     # 7. The loop. Micro-batch k of this process holds stream positions from StreamBatches.
     sampler = StreamBatches(t.batch_size, start_micro, t.max_steps * k_accum, accelerator.process_index,
                             accelerator.num_processes)
