@@ -69,6 +69,7 @@ def build_app(default_model: str = "", device: str = "cpu", output_dir: str | No
 
     from ldm.images import save_png
     from ldm.inference.generate import generate
+    from ldm.inference.modes import mode_of
     from ldm.inference.pipeline import SAMPLERS
 
     models = Models(device)
@@ -89,9 +90,9 @@ def build_app(default_model: str = "", device: str = "cpu", output_dir: str | No
             results = generate(pipe, [prompt.strip()], negative_prompt=negative_prompt or None,
                                guidance_scale=float(guidance), num_inference_steps=int(steps), sampler=sampler,
                                seed=int(seed), height=int(height) or None, width=int(width) or None,
-                               num_images_per_prompt=int(count), device=device, init_image=init_image,
-                               strength=float(strength), sketch=sketch, conditioning_scale=float(conditioning_scale),
-                               style=style, style_scale=float(style_scale), loras=loras,
+                               num_images_per_prompt=int(count), device=device, loras=loras,
+                               mode=mode_of(init_image, float(strength), sketch, float(conditioning_scale), style,
+                                            float(style_scale)),
                                on_step=lambda f: progress(f, desc="denoising"))
         except (UserError, ValueError) as err:
             raise gr.Error(str(err), print_exception=False) from None

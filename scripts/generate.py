@@ -44,6 +44,7 @@ def main() -> None:
     # imported after parsing, so that --help answers at once
     from ldm.images import check_unused, save_generations
     from ldm.inference.generate import generate
+    from ldm.inference.modes import mode_of
     prompts = list(a.prompt)
     if a.prompts_file:
         prompts += [line.strip() for line in text_argument(a.prompts_file, "--prompts-file").splitlines()
@@ -55,11 +56,10 @@ def main() -> None:
     results = generate(a.model, prompts, negative_prompt=a.negative_prompt, guidance_scale=a.guidance_scale,
                        num_inference_steps=a.steps, sampler=a.sampler, seed=a.seed, height=a.height,
                        width=a.width, num_images_per_prompt=a.num_images, batch_size=a.batch_size, device=a.device,
-                       guidance_rescale=a.guidance_rescale, strength=a.strength,
-                       init_image=image_argument(a.init_image, "--init-image"),
-                       sketch=image_argument(a.sketch, "--sketch"), conditioning_scale=a.conditioning_scale,
-                       style=image_argument(a.style, "--style"), style_scale=a.style_scale,
-                       loras=a.lora, fast=a.fast)
+                       guidance_rescale=a.guidance_rescale, loras=a.lora, fast=a.fast,
+                       mode=mode_of(image_argument(a.init_image, "--init-image"), a.strength,
+                                    image_argument(a.sketch, "--sketch"), a.conditioning_scale,
+                                    image_argument(a.style, "--style"), a.style_scale))
     paths = save_generations(results, a.out, overwrite=a.overwrite)
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
 

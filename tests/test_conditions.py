@@ -15,6 +15,7 @@ import torch
 from conftest import tiny_overrides
 from ldm.config.loading import load_config
 from ldm.errors import ConfigError
+from ldm.inference.modes import ImageToImage, Sketch, Style
 from ldm.shapes import ShapeSpec, render
 
 PROMPTS = ["a red circle in the center", "a blue square on the left"]
@@ -66,7 +67,7 @@ def test_img2img_matches_plain_diffusers_and_checks_its_arguments(text_model):
     from ldm.inference.pipeline import make_scheduler
 
     init = render(ShapeSpec("red", "circle", "center"), 16)
-    ours = generate(text_model, PROMPTS, init_image=init, strength=0.5, num_inference_steps=4, guidance_scale=3.0,
+    ours = generate(text_model, PROMPTS, mode=ImageToImage(init, 0.5), num_inference_steps=4, guidance_scale=3.0,
                     seed=5)
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(text_model)
     pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
@@ -76,11 +77,11 @@ def test_img2img_matches_plain_diffusers_and_checks_its_arguments(text_model):
         assert np.array_equal(np.asarray(a.image), np.asarray(b))
     assert ours[0].params["strength"] == 0.5
     with pytest.raises(ValueError, match=r"strength 0.0: must be in \(0, 1\]"):
-        generate(text_model, PROMPTS, init_image=init, strength=0.0, num_inference_steps=2)
+        generate(text_model, PROMPTS, mode=ImageToImage(init, 0.0), num_inference_steps=2)
     with pytest.raises(ValueError, match="leaves no denoising step"):
-        generate(text_model, PROMPTS, init_image=init, strength=0.3, num_inference_steps=2)
+        generate(text_model, PROMPTS, mode=ImageToImage(init, 0.3), num_inference_steps=2)
     with pytest.raises(ValueError, match="3 init images for 2 prompts"):
-        generate(text_model, PROMPTS, init_image=[init] * 3, num_inference_steps=2)
+        generate(text_model, PROMPTS, mode=ImageToImage([init] * 3), num_inference_steps=2)
 
 
 def test_sketch_run_exports_a_controlnet_pipeline_that_plain_diffusers_reproduces(sketch_model):
@@ -99,14 +100,14 @@ def test_sketch_run_exports_a_controlnet_pipeline_that_plain_diffusers_reproduce
     pipe = DiffusionPipeline.from_pretrained(sketch_model)
     assert isinstance(pipe, StableDiffusionControlNetPipeline)
     sketch = sketch_image(render(ShapeSpec("green", "triangle", "top left"), 16))
-    ours = generate(sketch_model, PROMPTS, sketch=sketch, conditioning_scale=0.8, num_inference_steps=3,
+    ours = generate(sketch_model, PROMPTS, mode=Sketch(sketch, 0.8), num_inference_steps=3,
                     guidance_scale=3.0, seed=1)
     pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
     theirs = pipe(PROMPTS, image=[sketch, sketch], controlnet_conditioning_scale=0.8, num_inference_steps=3,
                   guidance_scale=3.0, generator=[torch.Generator().manual_seed(1 + j) for j in range(2)]).images
     for a, b in zip(ours, theirs):
         assert np.array_equal(np.asarray(a.image), np.asarray(b))
-    with pytest.raises(ValueError, match="has a ControlNet; give sketch"):
+    with pytest.raises(ValueError, match=r"has a ControlNet; give mode=Sketch\(…\) \(--sketch\)"):
         generate(sketch_model, PROMPTS, num_inference_steps=2)
     # The UNet, VAE and text encoder are the text model's, untouched.
     from safetensors.torch import load_file
@@ -221,7 +222,7 @@ def test_style_run_exports_an_ip_adapter_that_plain_diffusers_reproduces(style_m
     b = load_file(style_model / "unet" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the text model, untouched
     reference = render(ShapeSpec("green", "cross", "top left"), 16, style="dark")
-    ours = generate(style_model, PROMPTS[:1], style=reference, style_scale=0.8, num_inference_steps=3,
+    ours = generate(style_model, PROMPTS[:1], mode=Style(reference, 0.8), num_inference_steps=3,
                     guidance_scale=3.0, seed=2)[0].image
     pipe = StableDiffusionPipeline.from_pretrained(style_model)
     pipe.load_ip_adapter(str(style_model), subfolder="ip_adapter", weight_name="ip_adapter.safetensors")
@@ -232,8 +233,9 @@ def test_style_run_exports_an_ip_adapter_that_plain_diffusers_reproduces(style_m
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
     # Different references in one call must not mix (Diffusers repeats one embedding over a call's batch).
     other = render(ShapeSpec("blue", "circle", "right"), 16, style="white")
-    both = generate(style_model, PROMPTS, style=[reference, other], num_inference_steps=3, guidance_scale=3.0, seed=2)
-    alone = [generate(style_model, [PROMPTS[j]], style=ref, num_inference_steps=3, guidance_scale=3.0,
+    both = generate(style_model, PROMPTS, mode=Style([reference, other]), num_inference_steps=3, guidance_scale=3.0,
+                    seed=2)
+    alone = [generate(style_model, [PROMPTS[j]], mode=Style(ref), num_inference_steps=3, guidance_scale=3.0,
                       seed=2 + j)[0] for j, ref in enumerate([reference, other])]
     assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(both, alone))
     plain = generate(style_model, PROMPTS[:1], num_inference_steps=3, guidance_scale=3.0, seed=2)[0].image

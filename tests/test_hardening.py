@@ -403,7 +403,7 @@ def test_float_pixels_without_a_reading_are_skipped_not_guessed(values, reason):
 
 def test_generation_inputs_are_prepared_as_training_prepares_pictures(tmp_path):
     from ldm.cli import image_argument
-    from ldm.inference.generate import as_rgb
+    from ldm.inference.modes import as_rgb
 
     rgba = Image.new("RGBA", (8, 6), (255, 0, 0, 0))
     rgba.putpixel((0, 0), (255, 0, 0, 255))
@@ -634,3 +634,19 @@ def test_a_broken_pretrained_pipeline_names_model_pretrained_not_a_derived_key(t
     with pytest.raises(ConfigError, match="config key 'model.pretrained': .* is not a complete pipeline "
                                           r"\(model.vae.path: no AutoencoderKL config"):
         check_components(load_config(None, tiny_overrides(tiny, tmp_path / "run") + [f"model.pretrained={pipeline}"]))
+
+
+def test_the_command_line_builds_one_mode_and_refuses_two():
+    from PIL import Image
+
+    from ldm.inference.modes import ImageToImage, Sketch, Style, mode_of
+
+    picture = Image.new("RGB", (16, 16))
+    assert mode_of() is None
+    assert mode_of(init_image=picture, strength=0.4) == ImageToImage(picture, 0.4)
+    assert mode_of(sketch=picture, conditioning_scale=1.5) == Sketch(picture, 1.5)
+    assert mode_of(style=picture, style_scale=0.5) == Style(picture, 0.5)
+    with pytest.raises(ConfigError, match="--init-image and --sketch: give one of"):
+        mode_of(init_image=picture, sketch=picture)
+    with pytest.raises(ConfigError, match=r"style_scale \(--style-scale\) -1: must be ≥ 0"):
+        Style(picture, -1).check(20)

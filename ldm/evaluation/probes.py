@@ -12,6 +12,7 @@ import numpy as np
 
 from ldm.images import make_grid, save_png
 from ldm.inference.generate import generate
+from ldm.inference.modes import ImageToImage, Sketch, Style
 from ldm.inference.pipeline import load_pipeline
 from ldm.models.conditions import sketch_image
 from ldm.shapes import (
@@ -129,7 +130,7 @@ def img2img_probe(model, strengths: Sequence[float] = (0.3, 0.8), seed: int = 0,
     for strength in strengths:
         results = generate(pipe, [t.caption for t in targets], guidance_scale=guidance_scale, sampler=sampler,
                            num_inference_steps=num_inference_steps, seed=seed * 100_003, batch_size=batch_size,
-                           init_image=inputs, strength=strength)
+                           mode=ImageToImage(inputs, strength))
         readings = [read_image(r.image) for r in results]
         n = len(readings)
         scores[f"{strength:g}"] = {
@@ -161,7 +162,7 @@ def sketch_probe(model, specs: Optional[Sequence[ShapeSpec]] = None, seed: int =
     targets = [ShapeSpec(other_colour(s.colour), s.shape, s.position) for s in specs]
     results = generate(pipe, [colour_caption(t.colour) for t in targets], guidance_scale=guidance_scale,
                        sampler=sampler, num_inference_steps=num_inference_steps, seed=seed * 100_003,
-                       batch_size=batch_size, sketch=sketches, conditioning_scale=conditioning_scale)
+                       batch_size=batch_size, mode=Sketch(sketches, conditioning_scale))
     readings = [read_image(r.image) for r in results]
     return specs, targets, readings, [("sketch", sketches), ("generated", [r.image for r in results])]
 
@@ -200,7 +201,7 @@ def style_probe(model, specs: Optional[Sequence[ShapeSpec]] = None, seed: int = 
     references = [render(other_spec(s), resolution, rng, style) for s, style in zip(specs, styles)]
     results = generate(pipe, [s.caption for s in specs], guidance_scale=guidance_scale, sampler=sampler,
                        num_inference_steps=num_inference_steps, seed=seed * 100_003, batch_size=batch_size,
-                       style=references, style_scale=style_scale)
+                       mode=Style(references, style_scale))
     readings = [read_image(r.image) for r in results]
     n = len(specs)
     scores = {

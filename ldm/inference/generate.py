@@ -9,15 +9,13 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 from diffusers import (
-    StableDiffusionControlNetPipeline,
-    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
 )
-from PIL import Image, ImageOps
+from PIL import Image
 
-from ldm.data.decode import BadSample, to_rgb
 from ldm.errors import ConfigError
 from ldm.inference.fast import make_fast, text_kv_table
+from ldm.inference.modes import Mode, Text, takes_style
 from ldm.inference.pipeline import SAMPLERS, load_pipeline, make_scheduler
 from ldm.interop.lora import load_loras, parse_lora
 
@@ -55,29 +53,6 @@ def _style_embeds(pipe, reference: Optional[Image.Image], guidance_scale: float)
     return embeds[:, None]
 
 
-def as_rgb(image: Image.Image, what: str = "image") -> Image.Image:
-    """A picture given to `generate` prepared as training prepares one: EXIF rotation applied, transparency on
-    white, 16-bit and float pixels on their own scale."""
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001 (unreadable EXIF: keep the pixels as stored)
-        pass
-    try:
-        return to_rgb(image, what)
-    except BadSample as bad:
-        raise ConfigError(f"{what}: {bad}") from bad
-
-
-def _per_prompt(images, prompts: Sequence[str], what: str, width: Optional[int] = None,
-                height: Optional[int] = None) -> list[Image.Image]:
-    """One image per prompt (one given for all is repeated), RGB, resized to width × height if given."""
-    images = [images] * len(prompts) if isinstance(images, Image.Image) else list(images)
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} {what} for {len(prompts)} prompts: give one, or one per prompt")
-    images = [as_rgb(im, what) for im in images]
-    return [im.resize((width, height), Image.BICUBIC) for im in images] if width and height else images
-
-
 def _check_arguments(**a) -> None:
     """generate()'s numbers, checked before any model loads (each message names the argument and the
     command-line flag of scripts/generate.py)."""
@@ -103,8 +78,6 @@ def _check_arguments(**a) -> None:
         require(a[name] is None or integer(a[name]) and a[name] > 0, name, name, "must be a positive number of pixels")
     require(number(a["guidance_rescale"]) and 0 <= a["guidance_rescale"] <= 1, "guidance_rescale", "guidance-rescale",
             "must be in [0, 1]")
-    for name, flag in (("conditioning_scale", "conditioning-scale"), ("style_scale", "style-scale")):
-        require(number(a[name]) and a[name] >= 0, name, flag, "must be ≥ 0")
 
 
 @dataclass
@@ -115,51 +88,48 @@ class Generated:
     params: dict = field(default_factory=dict)
 
 
-def generate(model: Union[str, Path, StableDiffusionPipeline], prompts: Sequence[str],
+def generate(model: Union[str, Path, StableDiffusionPipeline], prompts: Sequence[str], mode: Mode = None,
              negative_prompt: Optional[str] = None, guidance_scale: float = 7.5, num_inference_steps: int = 25,
              sampler: str = "dpm++", seed: int = 0, height: Optional[int] = None, width: Optional[int] = None,
              num_images_per_prompt: int = 1, batch_size: int = 16, device: Union[str, torch.device] = "cpu",
-             guidance_rescale: float = 0.0, init_image: Union[None, Image.Image, Sequence[Image.Image]] = None,
-             strength: float = 0.6, sketch: Union[None, Image.Image, Sequence[Image.Image]] = None,
-             conditioning_scale: float = 1.0, style: Union[None, Image.Image, Sequence[Image.Image]] = None,
-             style_scale: float = 1.0, loras: Sequence = (), on_step: Optional[Callable[[float], None]] = None,
+             guidance_rescale: float = 0.0, loras: Sequence = (), on_step: Optional[Callable[[float], None]] = None,
              fast: bool = False) -> list[Generated]:
     """Generate `num_images_per_prompt` images for each prompt (image j seeded `seed + j`); returns them with
-    the parameters each PNG records. Modes, each checked against the pipeline:
-    - `init_image` (one, or one per prompt): image-to-image (SDEdit, Meng et al. 2022) through Diffusers'
-      `StableDiffusionImg2ImgPipeline` on the same components; ⌊strength × num_inference_steps⌋ steps run.
-    - `sketch` (a ControlNet pipeline, conditioning.type=sketch): `conditioning_scale` scales its residuals.
-    - `style` (a pipeline with a style adapter): a reference picture, or one per prompt, at `style_scale`.
-    `loras`: LoRA files or lora/ folders (Diffusers or kohya format) as `path`, `"path:scale"` or `(path, scale)`.
-    `on_step(fraction)` is called after every denoising step with the fraction of the whole call done.
-    `fast=True` applies `make_fast` once (channels-last, the UNet compiled with frozen weights, the text's keys
-    and values projected once per call, bf16 where the hardware has it) and keeps one batch shape per job;
-    images then match the plain pipeline's within the documented tolerance, and the first call compiles."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
+    the parameters each PNG records.
+
+    `mode`: what to draw from beyond the prompt (ldm.inference.modes): `ImageToImage(image, strength)`,
+    `Sketch(image, conditioning_scale)` for a ControlNet pipeline, `Style(reference, scale)` for a pipeline with
+    a style adapter; None, the prompt alone. `loras`: LoRA files or lora/ folders (Diffusers or kohya format) as
+    `path`, `"path:scale"` or `(path, scale)`. `on_step(fraction)` is called after every denoising step with the
+    fraction of the whole call done. `fast=True` applies `make_fast` once (channels-last, the UNet compiled with
+    frozen weights, the text's keys and values projected once per call, bf16 where the hardware has it) and
+    keeps one batch shape per job; images then match the plain pipeline's within the documented tolerance."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ConfigError("generate() needs at least one prompt")
     _check_arguments(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
                      num_images_per_prompt=num_images_per_prompt, batch_size=batch_size, height=height, width=width,
-                     guidance_rescale=guidance_rescale, conditioning_scale=conditioning_scale, style_scale=style_scale)
+                     guidance_rescale=guidance_rescale)
+    mode = mode if mode is not None else Text()
+    mode.check(num_inference_steps)
     pipe = model if hasattr(model, "unet") else load_pipeline(str(model), device)
-    styled = _prepare_pipeline(pipe, sampler, loras, fast, init_image, sketch, style)
+    _prepare_pipeline(pipe, mode, sampler, loras, fast)
     height, width = _output_size(pipe, height, width)
-    sketches = _per_prompt(sketch, prompts, "sketches", width, height) if sketch is not None else []
-    references = _per_prompt(style, prompts, "style references") if style is not None else []
-    if styled:
-        pipe.set_ip_adapter_scale(style_scale if references else 0.0)
-    inits, runner = _image_to_image(pipe, init_image, strength, num_inference_steps, prompts, width, height)
+    mode.prepare(pipe, prompts, width, height)
+    references = mode.references()
+    if takes_style(pipe):
+        pipe.set_ip_adapter_scale(mode.scale if references else 0.0)
     jobs = [(p, seed + j, k) for j, (k, p) in
             enumerate((k, p) for k, p in enumerate(prompts) for _ in range(num_images_per_prompt))]
     # Fast: every distinct prompt (and the negative one) through the text encoder once per job, not once per image.
     encoded = _encode_once(pipe, [p for p, _, _ in jobs], negative_prompt) if fast else None
+    recorded = dict(negative_prompt=negative_prompt or "", sampler=sampler, num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height, width=width,
+                    **mode.recorded())
+    if loras:
+        recorded["loras"] = [f"{Path(p).name}:{s:g}" for p, s in map(parse_lora, loras)]
     out: list[Generated] = []
-    # Diffusers repeats one set of image embeddings over a call's whole batch, so different references
-    # cannot share a call: with per-prompt references each prompt gets its own calls.
-    groups = [[job for job in jobs if job[2] == k] for k in range(len(prompts))] \
-        if styled and references and not isinstance(style, Image.Image) else [jobs]
-    chunks = [group[i:i + batch_size] for group in groups for i in range(0, len(group), batch_size)]
+    chunks = _chunks(jobs, len(prompts), batch_size, mode.calls_per_prompt())
     for n, chunk in enumerate(chunks):
         wanted = len(chunk)
         if fast and len(jobs) > batch_size:  # one batch shape for the compiled UNet: pad with the last job, dropped
@@ -172,28 +142,46 @@ def generate(model: Union[str, Path, StableDiffusionPipeline], prompts: Sequence
         if encoded is not None:  # each distinct prompt was encoded once for the whole job
             _use_encoded(common, pipe, encoded, [p for p, _, _ in chunk], guidance_scale)
         if on_step is not None:
-            def progress(p, i, t, kwargs, n=n):
-                on_step((n + (i + 1) / max(p.num_timesteps, 1)) / len(chunks))
-                return kwargs
-
-            common["callback_on_step_end"] = progress
-        if styled:  # the chunk's one reference (or none: zero embeddings at scale 0), embedded as Diffusers does
+            common["callback_on_step_end"] = _progress(on_step, n, len(chunks))
+        if takes_style(pipe):  # the chunk's one reference (or none: zero embeddings at scale 0), as Diffusers does
             common["ip_adapter_image_embeds"] = [_style_embeds(pipe, references[chunk[0][2]] if references else None,
                                                                guidance_scale)]
-        if inits:
-            images = runner(image=[inits[k] for _, _, k in chunk], strength=strength, **common).images
-        elif sketches:
-            images = pipe(image=[sketches[k] for _, _, k in chunk], controlnet_conditioning_scale=conditioning_scale,
-                          height=height, width=width, **common).images
-        else:
-            images = pipe(guidance_rescale=guidance_rescale, height=height, width=width, **common).images
-        params = _recorded(negative_prompt, sampler, num_inference_steps, guidance_scale, guidance_rescale, height,
-                           width, strength if inits else None, conditioning_scale if sketches else None,
-                           style_scale if references else None, loras)
-        out += [Generated(image, prompt, s, dict(prompt=prompt, negative_prompt=params["negative_prompt"], seed=s,
-                                                 **{k: v for k, v in params.items() if k != "negative_prompt"}))
+        images = mode.call(pipe, [k for _, _, k in chunk], common, height, width, guidance_rescale)
+        out += [Generated(image, prompt, s, dict(prompt=prompt, negative_prompt=recorded["negative_prompt"], seed=s,
+                                                 **{k: v for k, v in recorded.items() if k != "negative_prompt"}))
                 for (prompt, s, _), image in zip(chunk[:wanted], images)]
     return out
+
+
+def _chunks(jobs: list, num_prompts: int, batch_size: int, per_reference: bool) -> list[list]:
+    """The job's pipeline calls. Diffusers repeats one set of image embeddings over a call's whole batch, so
+    different style references cannot share a call: with one reference per prompt, each prompt gets its own."""
+    groups = [[job for job in jobs if job[2] == k] for k in range(num_prompts)] if per_reference else [jobs]
+    return [group[i:i + batch_size] for group in groups for i in range(0, len(group), batch_size)]
+
+
+def _progress(on_step: Callable[[float], None], n: int, calls: int) -> Callable:
+    """Diffusers' step-end callback reporting the fraction of the whole job done."""
+    def progress(p, i, t, kwargs):
+        on_step((n + (i + 1) / max(p.num_timesteps, 1)) / calls)
+        return kwargs
+
+    return progress
+
+
+def _prepare_pipeline(pipe, mode, sampler: str, loras: Sequence, fast: bool) -> None:
+    """Check that the pipeline takes the mode, load the LoRAs, set the sampler (and the fast path)."""
+    if fast and (loras or getattr(pipe, "_ldm_fast", None) is None and _has_adapters(pipe)):
+        raise ConfigError("fast=True (--fast) compiles the UNet with its weights frozen in, so LoRAs cannot be "
+                          "loaded into it or swapped: generate with fast=False, or fuse the LoRA into a pipeline "
+                          "you save and load that")
+    if loras:
+        load_loras(pipe, loras)
+    mode.check_pipeline(pipe)
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if fast:
+        make_fast(pipe)
 
 
 def _use_encoded(common: dict, pipe, encoded: dict, prompts: list[str], guidance_scale: float) -> None:
@@ -211,45 +199,6 @@ def _use_encoded(common: dict, pipe, encoded: dict, prompts: list[str], guidance
         common["cross_attention_kwargs"] = {"text_kv": text_kv_table(pipe, embeds)}
 
 
-def _recorded(negative_prompt, sampler, num_inference_steps, guidance_scale, guidance_rescale, height, width,
-              strength, conditioning_scale, style_scale, loras) -> dict:
-    """The parameters a generated picture records (in its PNG): the mode's own only where the mode was used."""
-    params = dict(negative_prompt=negative_prompt or "", sampler=sampler, num_inference_steps=num_inference_steps,
-                  guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, height=height, width=width)
-    for name, value in (("strength", strength), ("conditioning_scale", conditioning_scale),
-                        ("style_scale", style_scale)):
-        if value is not None:
-            params[name] = value
-    if loras:
-        params["loras"] = [f"{Path(p).name}:{s:g}" for p, s in map(parse_lora, loras)]
-    return params
-
-
-def _prepare_pipeline(pipe, sampler: str, loras: Sequence, fast: bool, init_image, sketch, style) -> bool:
-    """Check that the pipeline takes the asked mode, load the LoRAs, set the sampler (and the fast path);
-    whether the pipeline has a style adapter."""
-    if fast and (loras or getattr(pipe, "_ldm_fast", None) is None and _has_adapters(pipe)):
-        raise ConfigError("fast=True (--fast) compiles the UNet with its weights frozen in, so LoRAs cannot be "
-                          "loaded into it or swapped: generate with fast=False, or fuse the LoRA into a pipeline "
-                          "you save and load that")
-    if loras:
-        load_loras(pipe, loras)
-    controlled = isinstance(pipe, StableDiffusionControlNetPipeline)
-    if controlled != (sketch is not None):
-        raise ConfigError("a sketch goes with a ControlNet pipeline and only with one: this pipeline "
-                         + ("has a ControlNet; give sketch=…" if controlled else "has no ControlNet"))
-    if controlled and init_image is not None:
-        raise ConfigError("image-to-image with a sketch is not supported; use one or the other")
-    styled = getattr(pipe, "image_encoder", None) is not None
-    if style is not None and not styled:
-        raise ConfigError("style= needs a pipeline trained with conditioning.type=style (it has no image encoder)")
-    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    if fast:
-        make_fast(pipe)
-    return styled
-
-
 def _output_size(pipe, height: Optional[int], width: Optional[int]) -> tuple[int, int]:
     """(height, width): the pipeline's native size where not given; a size it cannot generate is refused."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -264,16 +213,3 @@ def _output_size(pipe, height: Optional[int], width: Optional[int]) -> tuple[int
     return height, width
 
 
-def _image_to_image(pipe, init_image, strength: float, num_inference_steps: int, prompts: Sequence[str],
-                    width: int, height: int) -> tuple[list, Optional[StableDiffusionImg2ImgPipeline]]:
-    """(init images per prompt, the image-to-image pipeline sharing `pipe`'s components), or ([], None)."""
-    if init_image is None:
-        return [], None
-    if not 0.0 < strength <= 1.0:
-        raise ConfigError(f"strength {strength}: must be in (0, 1] (0 would return the input unchanged)")
-    if int(num_inference_steps * strength) < 1:  # Diffusers runs ⌊steps × strength⌋ steps
-        raise ConfigError(f"strength {strength} × {num_inference_steps} steps leaves no denoising step; "
-                          "raise num_inference_steps or strength")
-    runner = StableDiffusionImg2ImgPipeline(**pipe.components)
-    runner.set_progress_bar_config(disable=True)
-    return _per_prompt(init_image, prompts, "init images", width, height), runner

@@ -11,6 +11,7 @@ from ldm.diffusion import (
     drop_condition,
 )
 from ldm.images import to_pil
+from ldm.inference.modes import Sketch
 from ldm.inference.pipeline import assemble_pipeline
 from ldm.models.conditions import (
     build_controlnet,
@@ -60,7 +61,7 @@ class SketchControlNet(Trainable):
         """Prompt k is drawn on the sketch of stream sample k."""
         pixels = torch.stack([stream[k]["pixel_values"] for k in range(count)])
         sketches = [to_pil(x) for x in sketch_from_pixels(pixels, self.sketch_threshold) * 2 - 1]
-        return sketches, {"sketch": sketches, "conditioning_scale": self.cfg.conditioning.sketch.conditioning_scale}
+        return sketches, {"mode": Sketch(sketches, self.cfg.conditioning.sketch.conditioning_scale)}
 
     def export(self, folder, vae, text_encoder, tokenizer, scheduler, cfg, text_state=None):
         return export_pipeline(folder, vae, text_encoder, tokenizer, self.unet, scheduler, cfg,

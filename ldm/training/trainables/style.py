@@ -12,6 +12,7 @@ from ldm.diffusion import (
     STYLE_STREAM,
     drop_condition,
 )
+from ldm.inference.modes import Style
 from ldm.inference.pipeline import assemble_pipeline
 from ldm.models.conditions import (
     build_style_adapter,
@@ -62,7 +63,7 @@ class StyleAdapter(Trainable):
     def validation_inputs(self, stream, count: int) -> tuple[list[Image.Image], dict]:
         """Prompt k is drawn in the style of stream sample k's reference."""
         references = [style_reference(stream.source, stream.usable(stream.index_of(k))[0]) for k in range(count)]
-        return references, {"style": references, "style_scale": self.cfg.conditioning.style.scale}
+        return references, {"mode": Style(references, self.cfg.conditioning.style.scale)}
 
     def export(self, folder, vae, text_encoder, tokenizer, scheduler, cfg, text_state=None):
         return export_pipeline(folder, vae, text_encoder, tokenizer, self._load_plain_unet(), scheduler, cfg,
