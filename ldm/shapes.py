@@ -293,16 +293,22 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
     return Reading(colour, shape, position, ious[shape], style)
 
 
+def share(hits: Iterable[bool]) -> float:
+    """The fraction of true items: what every probe reports (0 for none)."""
+    hits = list(hits)
+    return sum(hits) / len(hits) if hits else 0.0
+
+
 def score(readings: Sequence[Reading], expected: Sequence[ShapeSpec]) -> dict[str, float]:
     """Accuracy per attribute and all-three-correct, as fractions in [0, 1]."""
     if len(readings) != len(expected) or not readings:
         raise ValueError(f"need as many readings as expectations (>0), got {len(readings)} and {len(expected)}")
     n = len(readings)
-    c = sum(r.colour == e.colour for r, e in zip(readings, expected)) / n
-    s = sum(r.shape == e.shape for r, e in zip(readings, expected)) / n
-    p = sum(r.position == e.position for r, e in zip(readings, expected)) / n
-    a = sum(r.colour == e.colour and r.shape == e.shape and r.position == e.position
-            for r, e in zip(readings, expected)) / n
+    c = share(r.colour == e.colour for r, e in zip(readings, expected))
+    s = share(r.shape == e.shape for r, e in zip(readings, expected))
+    p = share(r.position == e.position for r, e in zip(readings, expected))
+    a = share(r.colour == e.colour and r.shape == e.shape and r.position == e.position
+            for r, e in zip(readings, expected))
     return {"colour": c, "shape": s, "position": p, "all": a, "n": n}
 
 

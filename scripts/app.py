@@ -50,7 +50,9 @@ class Models:
 
 
 def describe(pipe) -> str:
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    from ldm.models.loading import native_size
+
+    size = native_size(pipe)
     takes = ["text", "image-to-image"]
     if hasattr(pipe, "controlnet"):
         takes.append("a sketch (ControlNet)")
@@ -67,6 +69,7 @@ def parse_loras(text: str) -> tuple[str, ...]:
 def build_app(default_model: str = "", device: str = "cpu", output_dir: str | None = None):
     import gradio as gr
 
+    from ldm.config.schema import SampleConfig
     from ldm.images import save_png
     from ldm.inference.generate import generate
     from ldm.inference.modes import mode_of
@@ -112,7 +115,8 @@ def build_app(default_model: str = "", device: str = "cpu", output_dir: str | No
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", elem_id="negative")
                 with gr.Row():
-                    sampler = gr.Dropdown(list(SAMPLERS), value="dpm++", label="Sampler", elem_id="sampler")
+                    sampler = gr.Dropdown(list(SAMPLERS), value=SampleConfig().sampler, label="Sampler",
+                                          elem_id="sampler")
                     steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps")
                     guidance = gr.Slider(1.0, 15.0, value=3.0, step=0.5, label="Guidance", elem_id="guidance")
                 with gr.Row():

@@ -40,6 +40,7 @@ def main() -> None:
     from ldm.evaluation.probes import saved_holdout
     from ldm.evaluation.sweeps import plot_sweeps, sweep, sweep_table
     from ldm.inference.pipeline import load_pipeline
+    from ldm.models.loading import native_size
     from ldm.shapes import ShapesDataset
     from ldm.training.validation import encode_images, validation_loss
     held = saved_holdout(a.model)
@@ -58,7 +59,7 @@ def main() -> None:
     scales = [float(g) for g in a.guidance.split(",") if g]
     guidance_rows = sweep(pipe, [(g_name, int(g_steps), g) for g in scales], seeds, held, model=label)
     # Validation loss: jittered renders of every combination from a seed training never uses.
-    fresh = ShapesDataset(a.validation_images, pipe.unet.config.sample_size * pipe.vae_scale_factor, seed=1_000_003)
+    fresh = ShapesDataset(a.validation_images, native_size(pipe), seed=1_000_003)
     items = [fresh[i] for i in range(len(fresh))]
     latents, embeds = encode_images(pipe.vae, pipe.tokenizer, pipe.text_encoder, [i["image"] for i in items],
                                     [i["text"] for i in items], fresh.resolution)

@@ -8,7 +8,9 @@ import argparse
 from typing import get_args
 
 from ldm.cli import image_argument, run_script, text_argument
-from ldm.config.schema import Sampler
+from ldm.config.schema import SampleConfig, Sampler
+
+SAMPLE = SampleConfig()  # generate()'s defaults: the config's sample section
 
 
 def main() -> None:
@@ -17,14 +19,15 @@ def main() -> None:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="1 disables guidance (no unconditional pass)")
+    p.add_argument("--guidance-scale", type=float, default=SAMPLE.guidance_scale,
+                   help="1 disables guidance (no unconditional pass)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="for zero-terminal-SNR models, e.g. 0.7")
-    p.add_argument("--steps", type=int, default=25, help="num_inference_steps")
-    p.add_argument("--sampler", default="dpm++", choices=list(get_args(Sampler)))
-    p.add_argument("--seed", type=int, default=0, help="image j is seeded seed + j")
+    p.add_argument("--steps", type=int, default=SAMPLE.num_inference_steps, help="num_inference_steps")
+    p.add_argument("--sampler", default=SAMPLE.sampler, choices=list(get_args(Sampler)))
+    p.add_argument("--seed", type=int, default=SAMPLE.seed, help="image j is seeded seed + j")
     p.add_argument("--height", type=int), p.add_argument("--width", type=int)
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-images", type=int, default=SAMPLE.num_images_per_prompt, help="images per prompt")
+    p.add_argument("--batch-size", type=int, default=SAMPLE.batch_size)
     p.add_argument("--device", default="cpu")
     p.add_argument("--init-image", help="image-to-image: start from this picture")
     p.add_argument("--strength", type=float, default=0.6, help="image-to-image: 0 keeps the input, 1 ignores it")

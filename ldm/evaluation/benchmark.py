@@ -31,6 +31,7 @@ from ldm.evaluation.stand_ins import STAND_IN_VAES
 from ldm.inference.pipeline import assemble_pipeline
 from ldm.models.building import build_scheduler, build_unet, unet_flops_per_image, unet_kwargs
 from ldm.models.encoders import FrozenEncoders
+from ldm.models.hooks import wrapped_forward
 from ldm.models.loading import check_components
 from ldm.training.loop import train
 from ldm.training.setup import set_tf32
@@ -108,17 +109,18 @@ def time_inference(cfg: Config, frozen: FrozenEncoders, device: torch.device, st
                              sampler=cfg.sample.sampler)
     pipe.set_progress_bar_config(disable=True)
     unet_seconds: list[float] = []
-    inner = unet.forward
 
-    def timed_forward(*args, **kwargs):
-        _sync(device)
-        start = time.perf_counter()
-        out = inner(*args, **kwargs)
-        _sync(device)
-        unet_seconds.append(time.perf_counter() - start)
-        return out
+    def timing(inner):
+        def timed_forward(*args, **kwargs):
+            _sync(device)
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            _sync(device)
+            unet_seconds.append(time.perf_counter() - start)
+            return out
 
-    unet.forward = timed_forward
+        return timed_forward
+
     step_ends: list[float] = []
 
     def on_step_end(_pipe, _i, _t, kwargs):
@@ -128,20 +130,20 @@ def time_inference(cfg: Config, frozen: FrozenEncoders, device: torch.device, st
 
     prompts = [cfg.sample.prompts[i % len(cfg.sample.prompts)] for i in range(batch)]
     results = []
-    for r in range(repeats + 1):  # the first call warms up
-        unet_seconds.clear()
-        step_ends.clear()
-        _sync(device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            pipe(prompts, num_inference_steps=steps, guidance_scale=cfg.sample.guidance_scale,
-                 generator=torch.Generator().manual_seed(r), output_type="np", callback_on_step_end=on_step_end)
-        _sync(device)
-        end = time.perf_counter()
-        step_times = [b - a for a, b in zip(step_ends, step_ends[1:])]  # step 2..n: loop time per step
-        results.append({"step": statistics.median(step_times), "unet": statistics.median(unet_seconds[1:]),
-                        "per_image": (end - start) / batch})
-    unet.forward = inner
+    with wrapped_forward(unet, timing):
+        for r in range(repeats + 1):  # the first call warms up
+            unet_seconds.clear()
+            step_ends.clear()
+            _sync(device)
+            start = time.perf_counter()
+            with torch.no_grad():
+                pipe(prompts, num_inference_steps=steps, guidance_scale=cfg.sample.guidance_scale,
+                     generator=torch.Generator().manual_seed(r), output_type="np", callback_on_step_end=on_step_end)
+            _sync(device)
+            end = time.perf_counter()
+            step_times = [b - a for a, b in zip(step_ends, step_ends[1:])]  # step 2..n: loop time per step
+            results.append({"step": statistics.median(step_times), "unet": statistics.median(unet_seconds[1:]),
+                            "per_image": (end - start) / batch})
     steady = results[1:]
     step = statistics.median(r["step"] for r in steady)
     unet_s = statistics.median(r["unet"] for r in steady)

@@ -12,7 +12,8 @@ from PIL import Image
 from ldm.data.emoji import EmojiCheckers, load_pixels, probe_entries
 from ldm.images import make_grid, save_png
 from ldm.inference.generate import generate
-from ldm.inference.pipeline import load_pipeline
+from ldm.inference.pipeline import as_pipeline
+from ldm.models.loading import native_size
 
 
 def emoji_probe(model, data_folder: str | Path, seeds: Sequence[int] = (0, 1), sampler: str = "dpm++",
@@ -21,8 +22,8 @@ def emoji_probe(model, data_folder: str | Path, seeds: Sequence[int] = (0, 1), s
     """Generate every probe caption (ldm.data.emoji.probe_entries) once per seed and score it with the checkers, for
     seen and held-out captions apart; the same checkers on the real pictures of those captions are the
     ceiling. Returns the scores plus `images`, `real` and per-image `rows` for `save_emoji_probe`."""
-    pipe = model if hasattr(model, "unet") else load_pipeline(str(model), device)
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe = as_pipeline(model, device)
+    resolution = native_size(pipe)
     checkers, entries = EmojiCheckers.fit(data_folder, resolution), probe_entries(data_folder)
     real = [load_pixels(path, resolution) for _, path, _ in entries]
     images, generated, expected = [], [], []

@@ -13,8 +13,9 @@ import numpy as np
 from ldm.images import make_grid, save_png
 from ldm.inference.generate import generate
 from ldm.inference.modes import ImageToImage, Sketch, Style
-from ldm.inference.pipeline import load_pipeline
+from ldm.inference.pipeline import as_pipeline
 from ldm.models.conditions import sketch_image
+from ldm.models.loading import native_size
 from ldm.shapes import (
     COLOURS,
     POSITIONS,
@@ -27,6 +28,7 @@ from ldm.shapes import (
     read_image,
     render,
     score,
+    share,
 )
 
 
@@ -117,8 +119,8 @@ def img2img_probe(model, strengths: Sequence[float] = (0.3, 0.8), seed: int = 0,
     and place (`change="colour"`) or another shape and place too (`change="all"`: then only the picture
     can keep them). Per strength: how often the output keeps the input's shape and position, how often
     its colour (and shape and position) are the prompt's. Returns (scores by strength, grids)."""
-    pipe = model if not isinstance(model, (str, Path)) else load_pipeline(model)
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe = as_pipeline(model)
+    resolution = native_size(pipe)
     specs = list(specs or all_specs())
     rng = np.random.default_rng([seed, 7])
     inputs = [render(s, resolution, rng) for s in specs]
@@ -134,14 +136,14 @@ def img2img_probe(model, strengths: Sequence[float] = (0.3, 0.8), seed: int = 0,
         readings = [read_image(r.image) for r in results]
         n = len(readings)
         scores[f"{strength:g}"] = {
-            "keeps_shape_and_position": sum(r.shape == s.shape and r.position == s.position
-                                            for r, s in zip(readings, specs)) / n,
-            "follows_prompt_colour": sum(r.colour == t.colour for r, t in zip(readings, targets)) / n,
-            "keeps_input_colour": sum(r.colour == s.colour for r, s in zip(readings, specs)) / n,
-            "keeps_position": sum(r.position == s.position for r, s in zip(readings, specs)) / n,
-            "keeps_shape": sum(r.shape == s.shape for r, s in zip(readings, specs)) / n,
-            "follows_prompt_shape_and_position": sum(r.shape == t.shape and r.position == t.position
-                                                     for r, t in zip(readings, targets)) / n,
+            "keeps_shape_and_position": share(r.shape == s.shape and r.position == s.position
+                                            for r, s in zip(readings, specs)),
+            "follows_prompt_colour": share(r.colour == t.colour for r, t in zip(readings, targets)),
+            "keeps_input_colour": share(r.colour == s.colour for r, s in zip(readings, specs)),
+            "keeps_position": share(r.position == s.position for r, s in zip(readings, specs)),
+            "keeps_shape": share(r.shape == s.shape for r, s in zip(readings, specs)),
+            "follows_prompt_shape_and_position": share(r.shape == t.shape and r.position == t.position
+                                                     for r, t in zip(readings, targets)),
             "n": n,
         }
         grids.append((strength, [r.image for r in results]))
@@ -154,8 +156,8 @@ def sketch_probe(model, specs: Optional[Sequence[ShapeSpec]] = None, seed: int =
     """Pictures rendered from a seed no training run uses → their sketches; each prompt names only a
     colour, another than the picture's ("a red shape"), so shape and position can only come from the
     sketch. Returns (specs, target specs, readings, [(label, images)])."""
-    pipe = model if not isinstance(model, (str, Path)) else load_pipeline(model)
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe = as_pipeline(model)
+    resolution = native_size(pipe)
     specs = list(specs or all_specs())
     rng = np.random.default_rng([seed, 1_000_003])
     sketches = [sketch_image(render(s, resolution, rng), threshold) for s in specs]
@@ -177,11 +179,11 @@ def sketch_scores(specs: Sequence[ShapeSpec], targets: Sequence[ShapeSpec], read
         if rows:
             n = len(rows)
             out[name] = {
-                "shape_and_position_follow_sketch": sum(r.shape == s.shape and r.position == s.position
-                                                        for s, _, r in rows) / n,
-                "colour_follows_text": sum(r.colour == t.colour for _, t, r in rows) / n,
-                "all": sum(r.shape == s.shape and r.position == s.position and r.colour == t.colour
-                           for s, t, r in rows) / n,
+                "shape_and_position_follow_sketch": share(r.shape == s.shape and r.position == s.position
+                                                        for s, _, r in rows),
+                "colour_follows_text": share(r.colour == t.colour for _, t, r in rows),
+                "all": share(r.shape == s.shape and r.position == s.position and r.colour == t.colour
+                           for s, t, r in rows),
                 "n": n,
             }
     return out
@@ -193,8 +195,8 @@ def style_probe(model, specs: Optional[Sequence[ShapeSpec]] = None, seed: int = 
     """Each prompt is a full caption; its reference shows another shape (and colour and place) in one of
     the styles, cycling through them. Scores whether the background follows the reference and whether
     colour and shape (and position) follow the text. Returns (scores, [(label, images)])."""
-    pipe = model if not isinstance(model, (str, Path)) else load_pipeline(model)
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe = as_pipeline(model)
+    resolution = native_size(pipe)
     specs = list(specs or all_specs())
     styles = [list(STYLES)[i % len(STYLES)] for i in range(len(specs))]
     rng = np.random.default_rng([seed, 2_000_003])
@@ -205,13 +207,13 @@ def style_probe(model, specs: Optional[Sequence[ShapeSpec]] = None, seed: int = 
     readings = [read_image(r.image) for r in results]
     n = len(specs)
     scores = {
-        "style_follows_reference": sum(r.style == st for r, st in zip(readings, styles)) / n,
-        "colour_and_shape_follow_text": sum(r.colour == s.colour and r.shape == s.shape
-                                            for r, s in zip(readings, specs)) / n,
-        "position_follows_text": sum(r.position == s.position for r, s in zip(readings, specs)) / n,
-        "reference_shape_copied": sum(r.shape == other_spec(s).shape for r, s in zip(readings, specs)) / n,
-        "all": sum(r.style == st and r.colour == s.colour and r.shape == s.shape and r.position == s.position
-                   for r, s, st in zip(readings, specs, styles)) / n,
+        "style_follows_reference": share(r.style == st for r, st in zip(readings, styles)),
+        "colour_and_shape_follow_text": share(r.colour == s.colour and r.shape == s.shape
+                                            for r, s in zip(readings, specs)),
+        "position_follows_text": share(r.position == s.position for r, s in zip(readings, specs)),
+        "reference_shape_copied": share(r.shape == other_spec(s).shape for r, s in zip(readings, specs)),
+        "all": share(r.style == st and r.colour == s.colour and r.shape == s.shape and r.position == s.position
+                   for r, s, st in zip(readings, specs, styles)),
         "n": n,
     }
     return scores, [("reference", references), ("generated", [r.image for r in results])]

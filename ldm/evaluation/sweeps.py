@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from ldm.evaluation.probes import shapes_probe, split_scores
+from ldm.models.hooks import wrapped_forward
 from ldm.shapes import (
     ShapeSpec,
 )
@@ -18,17 +19,16 @@ def count_unet_calls(pipe) -> Iterator[list[int]]:
     """Counts the UNet's network evaluations inside the block, one per latent it runs on: a guided step
     (conditional and unconditional halves in one batch) costs two per image, an unguided one one."""
     calls = [0]
-    inner = pipe.unet.forward
 
-    def counted(sample, *args, **kwargs):
-        calls[0] += sample.shape[0]
-        return inner(sample, *args, **kwargs)
+    def counting(inner):
+        def counted(sample, *args, **kwargs):
+            calls[0] += sample.shape[0]
+            return inner(sample, *args, **kwargs)
 
-    pipe.unet.forward = counted
-    try:
+        return counted
+
+    with wrapped_forward(pipe.unet, counting):
         yield calls
-    finally:
-        pipe.unet.forward = inner
 
 
 def sweep(pipe, runs: Sequence[tuple[str, int, float]], seeds: Sequence[int] = (0,),

@@ -19,6 +19,7 @@ from ldm.images import make_grid
 from ldm.inference.generate import generate
 from ldm.inference.pipeline import make_scheduler
 from ldm.models.encoders import latent_distribution
+from ldm.models.loading import native_size
 
 
 @torch.no_grad()
@@ -31,7 +32,7 @@ def _decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
 def forward_strip(pipe, image: Image.Image, timesteps: Sequence[int] = (0, 50, 150, 300, 500, 750, 999),
                   seed: int = 0) -> Image.Image:
     """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε for each t (one ε), decoded: a row from the image to pure noise."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = native_size(pipe)
     x = prepare_image(image, DataConfig(resolution=size))  # (3, H, W) in [-1, 1]
     latents = latent_distribution(pipe.vae, x[None])[0]  # (1, C, h, w)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))

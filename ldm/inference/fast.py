@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from ldm.models.hooks import wrap_forward
+
 
 def native_bf16(device: Union[str, torch.device]) -> bool:
     """Whether bf16 runs on matrix hardware here: a CUDA device with bf16, or a CPU with AVX-512 BF16 or AMX
@@ -116,14 +118,14 @@ def make_fast(pipe, compile: bool = True, precision: Literal["auto", "bf16", "fp
     if precision == "auto":
         precision = "bf16" if native_bf16(device) else "fp32"
     if precision == "bf16":
-        pipe.unet.forward = _autocast_forward(pipe.unet.forward, device.type)
+        wrap_forward(pipe.unet, lambda forward: _autocast_forward(forward, device.type))
     text_kv = _install_text_kv(pipe.unet)
     if compile:
         # Frozen weights: nothing may train them after this. The VAE's decoder runs once per image, not once per
         # step, but compiled it is a third faster (2 % of a quickstart image on a CPU).
         for module in (pipe.unet, pipe.vae.decoder):
             module.requires_grad_(False)
-            module.forward = _compiled_forward(module.forward, freeze=device.type == "cpu")
+            wrap_forward(module, lambda forward: _compiled_forward(forward, freeze=device.type == "cpu"))
     pipe._ldm_fast = FastPath(precision, compile, text_kv)
     return pipe._ldm_fast
 

@@ -13,11 +13,13 @@ from diffusers import (
 )
 from PIL import Image
 
+from ldm.config.schema import SampleConfig
 from ldm.errors import ConfigError
 from ldm.inference.fast import make_fast, text_kv_table
 from ldm.inference.modes import Mode, Text, takes_style
-from ldm.inference.pipeline import SAMPLERS, load_pipeline, make_scheduler
+from ldm.inference.pipeline import SAMPLERS, as_pipeline, make_scheduler
 from ldm.interop.lora import load_loras, parse_lora
+from ldm.models.loading import native_size
 
 
 @torch.no_grad()
@@ -80,6 +82,9 @@ def _check_arguments(**a) -> None:
             "must be in [0, 1]")
 
 
+SAMPLE = SampleConfig()  # the defaults of generate(): the config's sample section
+
+
 @dataclass
 class Generated:
     image: Image.Image
@@ -89,9 +94,11 @@ class Generated:
 
 
 def generate(model: Union[str, Path, StableDiffusionPipeline], prompts: Sequence[str], mode: Mode = None,
-             negative_prompt: Optional[str] = None, guidance_scale: float = 7.5, num_inference_steps: int = 25,
-             sampler: str = "dpm++", seed: int = 0, height: Optional[int] = None, width: Optional[int] = None,
-             num_images_per_prompt: int = 1, batch_size: int = 16, device: Union[str, torch.device] = "cpu",
+             negative_prompt: Optional[str] = None, guidance_scale: float = SAMPLE.guidance_scale,
+             num_inference_steps: int = SAMPLE.num_inference_steps, sampler: str = SAMPLE.sampler,
+             seed: int = SAMPLE.seed, height: Optional[int] = None, width: Optional[int] = None,
+             num_images_per_prompt: int = SAMPLE.num_images_per_prompt, batch_size: int = SAMPLE.batch_size,
+             device: Union[str, torch.device] = "cpu",
              guidance_rescale: float = 0.0, loras: Sequence = (), on_step: Optional[Callable[[float], None]] = None,
              fast: bool = False) -> list[Generated]:
     """Generate `num_images_per_prompt` images for each prompt (image j seeded `seed + j`); returns them with
@@ -112,7 +119,7 @@ def generate(model: Union[str, Path, StableDiffusionPipeline], prompts: Sequence
                      guidance_rescale=guidance_rescale)
     mode = mode if mode is not None else Text()
     mode.check(num_inference_steps)
-    pipe = model if hasattr(model, "unet") else load_pipeline(str(model), device)
+    pipe = as_pipeline(model, device)
     _prepare_pipeline(pipe, mode, sampler, loras, fast)
     height, width = _output_size(pipe, height, width)
     mode.prepare(pipe, prompts, width, height)
@@ -201,7 +208,7 @@ def _use_encoded(common: dict, pipe, encoded: dict, prompts: list[str], guidance
 
 def _output_size(pipe, height: Optional[int], width: Optional[int]) -> tuple[int, int]:
     """(height, width): the pipeline's native size where not given; a size it cannot generate is refused."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = native_size(pipe)
     height, width = height or size, width or size
     # The UNet halves the latents once per level below the first; Diffusers' pipelines also ask for 8 px.
     multiple = math.lcm(8, pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1))

@@ -115,3 +115,8 @@ def load_pipeline(path: str | Path, device: Union[str, torch.device] = "cpu",
     if (Path(path) / "ip_adapter" / "ip_adapter.safetensors").is_file():  # a style run's export
         pipe.load_ip_adapter(str(path), subfolder="ip_adapter", weight_name="ip_adapter.safetensors")
     return pipe.to(device)
+
+
+def as_pipeline(model, device: Union[str, torch.device] = "cpu"):
+    """`model` itself when it is a loaded pipeline; a folder, Hub id or single file loaded onto `device`."""
+    return model if hasattr(model, "unet") else load_pipeline(str(model), device)

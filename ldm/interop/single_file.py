@@ -22,6 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ldm.models.loading import native_size
+
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 
 
@@ -173,8 +175,7 @@ def export_single_file(pipe, path: str | Path, precision: Precision = "fp32",
     dtype = DTYPES[precision]
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
              for k, v in to_ldm(pipe.unet, pipe.vae, pipe.text_encoder).items()}
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    resolution = pipe.unet.config.sample_size * vae_factor
+    resolution = native_size(pipe)
     text_config = pipe.text_encoder.config.to_dict()
     meta = {
         # The Stability AI model-spec fields that UIs read.

@@ -308,3 +308,8 @@ def load_text_encoder(cfg: TextEncoderConfig) -> tuple:
     encoder = _load("model.text_encoder", path, lambda: cls.from_pretrained(
         path, subfolder=sub or "", use_safetensors=True))
     return tokenizer, encoder.requires_grad_(False).eval()
+
+
+def native_size(pipe) -> int:
+    """The side in pixels a pipeline draws by default: its UNet's latent size × its VAE's downsampling factor."""
+    return pipe.unet.config.sample_size * downsampling_factor(pipe.vae.config.block_out_channels)

@@ -155,7 +155,7 @@ def save_training_state(root: str | Path, step: int, micro_step: int, trainable,
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
     main = accelerator.is_main_process
-    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer  # (accelerate wraps it)
+    inner = bare_optimizer(optimizer)
     weights = full_state(trainable.state_dict(), keep=main)
     shadow = full_state(dict(zip([n for n, _ in trainable.named_parameters()], ema.shadow_params, strict=True)),
                         keep=main) if ema is not None else None
@@ -301,7 +301,7 @@ def load_training_state(folder: Path, trainable, ema, optimizer, lr_schedule, ac
         named = trainable.named_parameters()
         ema.load_state_dict({**state["ema"], "shadow_params": [shard_like(shadow[n], p) for n, p in named]})
         ema.to(accelerator.device)
-    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    inner = bare_optimizer(optimizer)
     _load_optimizer(inner, load_file(str(folder / "optimizer.safetensors"), device=device),
                     state["optimizer"])
     lr_schedule.load_state_dict({**lr_schedule.state_dict(), **state["lr_schedule"]})
@@ -312,3 +312,8 @@ def load_training_state(folder: Path, trainable, ema, optimizer, lr_schedule, ac
         restore_rng_state(load_file(str(rank_file)),
                           json.loads((folder / f"rng_rank{accelerator.process_index}.json").read_text()))
     return TrainingState(step=state["step"], micro_step=state["micro_step"])
+
+
+def bare_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper (its state and param groups), or the one given."""
+    return optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer

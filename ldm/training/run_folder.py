@@ -24,7 +24,7 @@ from typing import Optional
 from ldm.config.loading import load_config, to_dict
 from ldm.config.schema import Config
 from ldm.errors import ConfigError
-from ldm.training.checkpoint import read_state
+from ldm.training.checkpoint import bare_optimizer, read_state
 from ldm.training.trainables import EXPORT_FOLDERS
 
 # What ldm writes into train.output_dir (an explicit overwrite removes these and nothing else).
@@ -159,7 +159,7 @@ def apply_settings(cfg: Config, trainable, optimizer, lr_schedule, ema) -> None:
     the saved ones (the LR schedule's shape already comes from the current config), so what the config, the
     export and the card report is what the resumed steps use."""
     t = cfg.train
-    inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    inner = bare_optimizer(optimizer)
     wanted = trainable.param_groups(t.lr, cfg.model.text_encoder.lr)
     lr_schedule.base_lrs = [g["lr"] for g in wanted]
     for group, base, factor in zip(inner.param_groups, lr_schedule.base_lrs, lr_schedule.lr_lambdas, strict=True):
