@@ -62,6 +62,17 @@ def tiny(tmp_path_factory) -> dict:
             "clip": str(_tiny_clip(root / "clip"))}
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny, tmp_path_factory) -> Path:
+    """A 3-step text-to-image run on the tiny components (BERT text encoder), exported: the base the LoRA,
+    condition, distillation and fast-path tests start from. Shared by the whole session: never write into it."""
+    from ldm.config.loading import load_config
+    from ldm.training.loop import train
+
+    out = tmp_path_factory.mktemp("tiny_pipeline")
+    return train(load_config(None, tiny_overrides(tiny, out) + ["train.max_steps=3"]), show_progress=False)
+
+
 def tiny_overrides(tiny: dict, out: Path, text_encoder: str = "bert") -> list[str]:
     """Dotted overrides for a seconds-long run on the tiny components (16 px, f = 2, 8×8 latents)."""
     return [

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides, write_config
+from helpers import kill_resume_and_compare, max_diff, samples_of, train_on_two_processes
 from ldm.config.data import DataConfig
 from ldm.config.loading import load_config
 from ldm.data.audit import audit
@@ -20,7 +21,6 @@ from ldm.data.sources import FolderSource
 from ldm.data.stream import SampleStream
 from ldm.data.transforms import caption_for
 from ldm.errors import ConfigError
-from test_resume import _max_diff, _samples, kill_resume_and_compare, train_on_two_processes
 
 # A folder "someone else" captioned kohya-style: portrait, landscape, square, tiny and extreme pictures, each
 # with a same-named .txt. At 32 px with 8 px steps the buckets are 24×40, 32×32 and 40×24.
@@ -206,7 +206,7 @@ def test_every_batch_has_one_shape_from_the_plan(bucketed):
     # f = 2: a 40×24 picture is a (4, 12, 20) latent. Both buckets were met, nothing else.
     assert set(bucketed["shapes"]) == {(4, 4, 16, 16), (4, 4, 12, 20)}
     # The first epoch (4 batches) met every image, the portrait one included (merged, never dropped).
-    seen = {i for step in range(1, 5) for idx in _samples(out)[step] for i in idx}
+    seen = {i for step in range(1, 5) for idx in samples_of(out)[step] for i in idx}
     assert seen == set(range(14))
     grids = sorted(p.name for p in (out / "validation").glob("step_000003*.png"))
     assert grids == ["step_000003.png", "step_000003_40x24.png"]
@@ -239,7 +239,7 @@ def test_cached_buckets_match_on_the_fly_and_rebuild_when_the_plan_changes(tiny,
     train(load_config(None, run), show_progress=False)
     a = load_file(str(tmp_path / "cached" / "checkpoints" / "step_000006" / "unet.safetensors"))
     b = load_file(str(bucketed["out"] / "checkpoints" / "step_000006" / "unet.safetensors"))
-    assert _max_diff(a, b) <= 1e-5  # the same draws, from cached latent distributions
+    assert max_diff(a, b) <= 1e-5  # the same draws, from cached latent distributions
 
     def keys() -> list[str]:
         from ldm.data.cache import mmap_safetensors
@@ -265,10 +265,10 @@ def test_buckets_two_processes_match_one_and_resume_exactly(tiny, folder, tmp_pa
     train_on_two_processes(write_config(tmp_path / "two.yaml", common(tmp_path / "two", "train.batch_size=2")))
     train(load_config(None, common(tmp_path / "one", "train.batch_size=4")), show_progress=False)
     a, b = (tmp_path / n / "checkpoints" / "step_000003" / "unet.safetensors" for n in ("two", "one"))
-    assert _max_diff(load_file(str(a)), load_file(str(b))) <= 1e-6
+    assert max_diff(load_file(str(a)), load_file(str(b))) <= 1e-6
     two_audit, one_audit = (json.loads((tmp_path / n / "data_audit.json").read_text()) for n in ("two", "one"))
     assert two_audit["buckets"] == one_audit["buckets"]
-    r0, r1, one = _samples(tmp_path / "two", 0), _samples(tmp_path / "two", 1), _samples(tmp_path / "one")
+    r0, r1, one = samples_of(tmp_path / "two", 0), samples_of(tmp_path / "two", 1), samples_of(tmp_path / "one")
     for step in (1, 2, 3):
         assert r0[step][0] + r1[step][0] == one[step][0]
     # SIGKILL mid-run, resume: the same weights as the uninterrupted run (the bucket order replays).

@@ -22,11 +22,8 @@ PROMPTS = ["a red circle in the center", "a blue square on the left"]
 
 
 @pytest.fixture(scope="module")
-def text_model(tiny, tmp_path_factory) -> Path:
-    from ldm.training.loop import train
-
-    out = tmp_path_factory.mktemp("text_model")
-    return train(load_config(None, tiny_overrides(tiny, out) + ["train.max_steps=3"]), show_progress=False)
+def text_model(tiny_pipeline) -> Path:
+    return tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +282,7 @@ def test_conditions_train_on_two_processes(condition, text_model, style_model, t
     if condition == "style":
         overrides.append("data.shapes.styles=[white, grey, dark]")
     config = write_config(tmp_path / "run.yaml", overrides)
-    from test_resume import train_on_two_processes
+    from helpers import train_on_two_processes
 
     train_on_two_processes(config)
     name = "controlnet" if condition == "sketch" else "style_adapter"

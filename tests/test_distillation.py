@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides, write_config
+from helpers import kill_resume_and_compare, max_diff, train_on_two_processes
 from ldm.config.loading import load_config
 from ldm.errors import ConfigError
-from test_resume import _max_diff, kill_resume_and_compare, train_on_two_processes
 
 PROMPTS = ["a red circle in the center", "a blue square on the left"]
 
@@ -112,13 +112,13 @@ def test_v_prediction_converts_to_the_same_x0_and_eps():
         assert torch.allclose(got_x0, x0, atol=1e-4) and torch.allclose(got_eps, eps, atol=1e-4), kind
 
 
-def test_consistency_loss_is_the_formula_on_a_real_step(tiny, tmp_path):
+def test_consistency_loss_is_the_formula_on_a_real_step(tiny_pipeline, tmp_path):
     """The trainable's loss, recomputed here from the formulas with separate UNet calls: student
     f(x_t, t_n), teacher guided ε̂ → DDIM to t_{n−1} → target f⁻(x_s, t_{n−1}), pseudo-Huber."""
     from ldm.models.building import build_scheduler
     from ldm.training.trainables.distillation import ConsistencyDistillation
 
-    teacher_dir = _teacher(tiny, tmp_path)
+    teacher_dir = tiny_pipeline
     cfg = load_config(None, _distill_overrides(teacher_dir, tmp_path / "run", "distill.guidance_scale=2.5"))
     from diffusers import UNet2DConditionModel
 
@@ -162,7 +162,7 @@ def test_consistency_loss_is_the_formula_on_a_real_step(tiny, tmp_path):
     assert torch.allclose(target_w, 0.95 * teacher_w + 0.05 * student_w, atol=1e-6)
 
 
-def test_bf16_frozen_forwards_keep_the_loss_and_the_students_fp32_gradients(tiny, tmp_path):
+def test_bf16_frozen_forwards_keep_the_loss_and_the_students_fp32_gradients(tiny_pipeline, tmp_path):
     """distill.frozen_precision=bf16 runs the teacher and the target under bf16 autocast: on a fixed batch
     the loss stays within 2 % of fp32 (it does change: the setting is live) and the student's gradients stay
     float32 and point the same way (cosine > 0.97: the target's bf16 rounding is noise on a small residual)."""
@@ -171,7 +171,7 @@ def test_bf16_frozen_forwards_keep_the_loss_and_the_students_fp32_gradients(tiny
     from ldm.models.building import build_scheduler
     from ldm.training.trainables.distillation import ConsistencyDistillation
 
-    teacher_dir = _teacher(tiny, tmp_path)
+    teacher_dir = tiny_pipeline
     g = torch.Generator().manual_seed(3)
     latents, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     embeds, uncond = torch.randn(4, 12, 32, generator=g), torch.randn(4, 12, 32, generator=g)
@@ -220,13 +220,6 @@ def test_config_errors_name_the_key(tiny, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def _teacher(tiny, root: Path) -> Path:
-    from ldm.training.loop import train
-
-    out = root / "teacher"
-    if (out / "pipeline" / "model_index.json").is_file():
-        return out / "pipeline"
-    return train(load_config(None, tiny_overrides(tiny, out) + ["train.max_steps=3"]), show_progress=False)
 
 
 def _distill_overrides(teacher: Path, out: Path, *extra: str) -> list[str]:
@@ -239,8 +232,8 @@ def _distill_overrides(teacher: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny, tmp_path_factory) -> Path:
-    return _teacher(tiny, tmp_path_factory.mktemp("lcm_teacher"))
+def teacher(tiny_pipeline) -> Path:
+    return tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -331,4 +324,4 @@ def test_distillation_on_two_processes_matches_one(teacher, tmp_path):
     train_on_two_processes(write_config(tmp_path / "two.yaml", _distill_overrides(teacher, two, *common)))
     a = load_file(str(one / "checkpoints" / "step_000002" / "student.safetensors"))
     b = load_file(str(two / "checkpoints" / "step_000002" / "student.safetensors"))
-    assert _max_diff(a, b) <= 5e-6
+    assert max_diff(a, b) <= 5e-6

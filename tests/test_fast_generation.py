@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_overrides
-from ldm.config.loading import load_config
 from ldm.errors import ConfigError
 
 PROMPTS = ["a red circle in the center", "a blue square on the left", "a green cross at the top"]
@@ -20,11 +18,8 @@ MEAN_LEVELS = {"fp32": 0.5, "bf16": 4.0}
 
 
 @pytest.fixture(scope="module")
-def exported(tiny, tmp_path_factory):
-    from ldm.training.loop import train
-
-    out = tmp_path_factory.mktemp("fast")
-    return train(load_config(None, tiny_overrides(tiny, out) + ["train.max_steps=2"]), show_progress=False)
+def exported(tiny_pipeline):
+    return tiny_pipeline
 
 
 def _pixels(results) -> list[np.ndarray]:

@@ -10,7 +10,7 @@ import pytest
 from test_train import _run
 
 from conftest import tiny_overrides, write_config
-from test_resume import kill_resume_and_compare
+from helpers import kill_resume_and_compare
 
 # bf16 keeps 8 bits of mantissa (relative rounding 2⁻⁸ ≈ 0.4 %); the loss averages many such products.
 BF16_REL_TOLERANCE = 0.02

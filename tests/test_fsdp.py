@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides, write_config
+from helpers import LAUNCHER, ROOT, max_diff, samples_of, script_env
 from ldm.config.loading import load_config, read_yaml
 from ldm.errors import ConfigError
-from test_resume import LAUNCHER, ROOT, _env, _max_diff, _samples
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ RUN = ["data.shapes.num_images=24", "train.batch_size=2", "train.gradient_accumu
 def _launch(args: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args],
-                            cwd=ROOT, env={**_env(), "ACCELERATE_USE_CPU": "1"}, stdout=subprocess.PIPE,
+                            cwd=ROOT, env={**script_env(), "ACCELERATE_USE_CPU": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
 
 
@@ -65,7 +65,7 @@ def runs(tiny, tmp_path_factory) -> dict[str, Path]:
 def test_fsdp_trains_like_ddp(runs):
     ddp, fsdp = runs["none"], runs["fsdp"]
     # Same samples on every rank and step, the same loss curve, the same weights, EMA and AdamW moments.
-    assert _samples(ddp, 0) == _samples(fsdp, 0) and _samples(ddp, 1) == _samples(fsdp, 1)
+    assert samples_of(ddp, 0) == samples_of(fsdp, 0) and samples_of(ddp, 1) == samples_of(fsdp, 1)
     a, b = _losses(ddp), _losses(fsdp)
     assert a.keys() == b.keys() == set(range(1, 7))
     assert max(abs(a[s] - b[s]) for s in a) <= 1e-5, (a, b)
@@ -74,7 +74,7 @@ def test_fsdp_trains_like_ddp(runs):
     for name in ("unet.safetensors", "ema.safetensors", "optimizer.safetensors"):
         x = load_file(str(ddp / "checkpoints" / "step_000006" / name))
         y = load_file(str(fsdp / "checkpoints" / "step_000006" / name))
-        assert _max_diff(x, y) <= 1e-5, name
+        assert max_diff(x, y) <= 1e-5, name
     # The checkpoints hold whole tensors, and each process held about half of them while training.
     held = json.loads((fsdp / "train_summary.json").read_text())
     assert held["parameters_held_per_process"] <= 0.55 * held["parameters"]
@@ -125,7 +125,7 @@ def test_fsdp_resume_after_sigkill_is_exact(tiny, tmp_path, runs):
     for name in ("unet.safetensors", "ema.safetensors", "optimizer.safetensors"):
         a = load_file(str(runs["fsdp"] / "checkpoints" / "step_000006" / name))
         b = load_file(str(out / "checkpoints" / "step_000006" / name))
-        assert _max_diff(a, b) <= 1e-6, name
+        assert max_diff(a, b) <= 1e-6, name
 
 
 def test_a_ddp_checkpoint_resumes_under_fsdp(tiny, tmp_path, runs):
@@ -140,7 +140,7 @@ def test_a_ddp_checkpoint_resumes_under_fsdp(tiny, tmp_path, runs):
     _train(config, "train.resume=latest")
     a = load_file(str(runs["none"] / "checkpoints" / "step_000006" / "unet.safetensors"))
     b = load_file(str(out / "checkpoints" / "step_000006" / "unet.safetensors"))
-    assert _max_diff(a, b) <= 1e-5
+    assert max_diff(a, b) <= 1e-5
 
 
 def test_fsdp_refuses_what_it_cannot_shard(tiny, tmp_path):

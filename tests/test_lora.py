@@ -16,21 +16,18 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides, write_config
+from helpers import ROOT, kill_resume_and_compare, max_diff, script_env, train_on_two_processes
 from ldm.config.loading import load_config
 from ldm.errors import ConfigError
-from test_resume import ROOT, _env, _max_diff, kill_resume_and_compare, train_on_two_processes
 
 PROMPTS = ["a red circle in the center", "a blue square on the left"]
 RANK, ALPHA = 4, 2.0  # alpha ≠ rank: every consumer must apply the scale alpha / rank = 0.5
 
 
 @pytest.fixture(scope="module")
-def base(tiny, tmp_path_factory) -> Path:
-    """A 3-step text-to-image pipeline: the base the LoRAs adapt."""
-    from ldm.training.loop import train
-
-    out = tmp_path_factory.mktemp("lora_base")
-    return train(load_config(None, tiny_overrides(tiny, out) + ["train.max_steps=3"]), show_progress=False)
+def base(tiny_pipeline) -> Path:
+    """The text-to-image pipeline the LoRAs adapt."""
+    return tiny_pipeline
 
 
 def lora_overrides(base: Path, out: Path, *extra: str) -> list[str]:
@@ -133,7 +130,7 @@ def test_lora_two_processes_match_one(base, tmp_path):
     train(load_config(None, lora_overrides(base, tmp_path / "one", "train.batch_size=4", *common)), show_progress=False)
     a = load_file(str(tmp_path / "two" / "checkpoints" / "step_000002" / "lora.safetensors"))
     b = load_file(str(tmp_path / "one" / "checkpoints" / "step_000002" / "lora.safetensors"))
-    assert _max_diff(a, b) <= 1e-6
+    assert max_diff(a, b) <= 1e-6
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -141,8 +138,8 @@ def test_lora_mixed_precision_runs_with_fp32_adapter_weights(base, tmp_path, pre
     # A fresh process (accelerate fixes the precision once per process), as a user would run it.
     config = write_config(tmp_path / "run.yaml", lora_overrides(base, tmp_path, f"train.mixed_precision={precision}",
                                                                 "train.max_steps=2", "lora.kohya=false"))
-    proc = subprocess.run([sys.executable, "scripts/train_text2img.py", "--config", str(config)], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "scripts/train_text2img.py", "--config", str(config)], cwd=ROOT,
+                          env=script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "unscale" not in proc.stderr.lower()
     out = tmp_path / "lora"
@@ -272,7 +269,8 @@ def test_every_kohya_module_maps_onto_the_sd15_single_file_layout():
 def test_generate_script_takes_lora_and_config_errors(base, lora_run, tmp_path):
     proc = subprocess.run([sys.executable, "scripts/generate.py", "--model", str(base), "--prompt", PROMPTS[0],
                            "--steps", "2", "--lora", f"{lora_run / 'lora_kohya.safetensors'}:0.8",
-                           "--out", str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                           "--out", str(tmp_path)], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     from ldm.images import read_png_params
 
@@ -347,7 +345,7 @@ def test_full_text_encoder_fine_tune_with_its_own_lr_resumes_exactly(base, tmp_p
 
     shutil.copytree(ref / "checkpoints" / "step_000002", resumed / "checkpoints" / "step_000002")
     train(load_config(None, lora_overrides(base, resumed, *full, "train.resume=latest")), show_progress=False)
-    assert _max_diff(weights, load_file(str(resumed / "checkpoints" / "step_000004" / "unet.safetensors"))) <= 1e-6
+    assert max_diff(weights, load_file(str(resumed / "checkpoints" / "step_000004" / "unet.safetensors"))) <= 1e-6
     with pytest.raises(ConfigError, match="model.text_encoder.train"):
         load_config(None, [f"model.pretrained={base}", "model.text_encoder.train=lora"])
 

@@ -4,12 +4,9 @@ numerical guards, disk space."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides, write_config
+from helpers import ROOT, launch_and_kill, max_diff, samples_of, script_env, train_on_two_processes
 from ldm.config.loading import load_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # A run long enough to be killed mid-epoch: 24 images, 8 samples per optimizer step (batch 4 ×
 # accumulation 2), so an epoch is 3 steps and step 4 is inside the second epoch.
@@ -28,98 +24,11 @@ RUN = ["data.shapes.num_images=24", "train.batch_size=4", "train.gradient_accumu
        "train.lr_scheduler=cosine", "train.lr_warmup_steps=2", "train.record_samples=true",
        "train.log_every=3"]
 
-# Runs scripts/train_text2img.py with a test-only slowdown, so the test can SIGKILL it at a chosen point.
-LAUNCHER = """
-import sys, time, runpy
-import ldm.training.loop, ldm.training.checkpoint
-mode, seconds = sys.argv[1], float(sys.argv[2])
-if mode == "step":
-    inner = ldm.training.loop.train_step
-    def slow_step(*a, **k):
-        time.sleep(seconds)
-        return inner(*a, **k)
-    ldm.training.loop.train_step = slow_step
-elif mode == "checkpoint":
-    inner = ldm.training.checkpoint._save_tensors
-    def slow_save(tensors, path):
-        inner(tensors, path)
-        if path.name == "unet.safetensors" and "step_000004" in str(path):
-            time.sleep(seconds)  # a checkpoint half written: the test kills us here
-    ldm.training.checkpoint._save_tensors = slow_save
-sys.argv = ["train_text2img.py"] + sys.argv[3:]
-runpy.run_path("scripts/train_text2img.py", run_name="__main__")
-"""
-
-
-def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _launch_and_kill(tmp: Path, config: Path, mode: str, seconds: float, kill_when: Path) -> None:
-    launcher = tmp / "launcher.py"
-    launcher.write_text(LAUNCHER)
-    proc = subprocess.Popen([sys.executable, str(launcher), mode, str(seconds), "--config", str(config)],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    while not kill_when.exists():
-        if proc.poll() is not None:
-            raise AssertionError("run ended before it could be killed:\n" + proc.stdout.read().decode()[-3000:])
-        assert time.time() < deadline, "timed out waiting for " + str(kill_when)
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-def kill_resume_and_compare(tmp: Path, overrides, files: tuple[str, ...], last: int = 6) -> None:
-    """Train `overrides(out)` uninterrupted and, beside it, SIGKILLed after checkpoint 2 and resumed with
-    scripts/train_text2img.py train.resume=latest; checkpoint `last` must hold the same `files` (≤ 1e-6)."""
-    from ldm.training.loop import train
-
-    ref = tmp / "ref"
-    train(load_config(None, overrides(ref)), show_progress=False)
-    out = tmp / "killed"
-    config = write_config(tmp / "run.yaml", overrides(out))
-    _launch_and_kill(tmp, config, "step", 0.4, out / "checkpoints" / "step_000002")
-    assert not (out / "checkpoints" / f"step_{last:06d}").exists(), "the run was meant to die mid-way"
-    proc = subprocess.run([sys.executable, "scripts/train_text2img.py", "--config", str(config), "train.resume=latest"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "resumed from" in proc.stdout
-    for name in files:
-        a = load_file(str(ref / "checkpoints" / f"step_{last:06d}" / name))
-        b = load_file(str(out / "checkpoints" / f"step_{last:06d}" / name))
-        assert _max_diff(a, b) <= 1e-6, name
-
-
-def train_on_two_processes(config: Path) -> str:
-    """scripts/train_text2img.py under `accelerate launch`, 2 CPU processes (gloo); returns its stdout."""
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           "scripts/train_text2img.py", "--config", str(config)],
-                          cwd=ROOT, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "final weights agree on 2 process(es)" in proc.stdout
-    return proc.stdout
-
 
 def _final_state(out: Path) -> dict[str, dict[str, torch.Tensor]]:
     folder = out / "checkpoints" / "step_000009"
     return {"unet": load_file(str(folder / "unet.safetensors")), "ema": load_file(str(folder / "ema.safetensors")),
             "state": json.loads((folder / "state.json").read_text())}
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def _samples(out: Path, rank: int = 0) -> dict[int, list[list[int]]]:
-    steps: dict[int, list[list[int]]] = {}
-    for line in (out / f"samples_rank{rank}.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        steps.setdefault(row["step"], []).append(row["indices"])
-    return steps
 
 
 @pytest.fixture(scope="module")
@@ -134,18 +43,18 @@ def uninterrupted(tiny, tmp_path_factory) -> Path:
 def test_exact_resume_after_sigkill_mid_epoch(tiny, tmp_path, uninterrupted):
     out = tmp_path / "killed"
     config = write_config(tmp_path / "run.yaml", tiny_overrides(tiny, out) + RUN)
-    _launch_and_kill(tmp_path, config, "step", 0.4, out / "checkpoints" / "step_000004")
+    launch_and_kill(tmp_path, config, "step", 0.4, out / "checkpoints" / "step_000004")
     assert not (out / "checkpoints" / "step_000009").exists(), "the run was meant to die mid-way"
     proc = subprocess.run([sys.executable, "scripts/train_text2img.py", "--config", str(config), "train.resume=latest"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "resumed from" in proc.stdout and "step_000004" in proc.stdout
     a, b = _final_state(uninterrupted), _final_state(out)
-    assert _max_diff(a["unet"], b["unet"]) <= 1e-6
-    assert _max_diff(a["ema"], b["ema"]) <= 1e-6
+    assert max_diff(a["unet"], b["unet"]) <= 1e-6
+    assert max_diff(a["ema"], b["ema"]) <= 1e-6
     assert a["state"]["lr_schedule"]["_last_lr"] == pytest.approx(b["state"]["lr_schedule"]["_last_lr"], rel=1e-9)
     # The same samples after the resume as in the uninterrupted run (steps 5.. were redone or new).
-    ref, resumed = _samples(uninterrupted), _samples(out)
+    ref, resumed = samples_of(uninterrupted), samples_of(out)
     for step in range(5, 10):
         assert resumed[step][-2:] == ref[step], step  # the last two micro-batches written for each step
 
@@ -153,16 +62,16 @@ def test_exact_resume_after_sigkill_mid_epoch(tiny, tmp_path, uninterrupted):
 def test_sigkill_while_checkpoint_is_written(tiny, tmp_path, uninterrupted):
     out = tmp_path / "killed-in-save"
     config = write_config(tmp_path / "run.yaml", tiny_overrides(tiny, out) + RUN)
-    _launch_and_kill(tmp_path, config, "checkpoint", 30.0,
+    launch_and_kill(tmp_path, config, "checkpoint", 30.0,
                      out / "checkpoints" / "step_000004.tmp" / "unet.safetensors")
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002", "step_000004.tmp"]
     proc = subprocess.run([sys.executable, "scripts/train_text2img.py", "--config", str(config), "train.resume=latest"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "ignoring incomplete checkpoint" in proc.stdout and "step_000004.tmp" in proc.stdout
     assert "resumed from" in proc.stdout and "step_000002" in proc.stdout
-    assert _max_diff(_final_state(uninterrupted)["unet"], _final_state(out)["unet"]) <= 1e-6
+    assert max_diff(_final_state(uninterrupted)["unet"], _final_state(out)["unet"]) <= 1e-6
     # Retention: only the newest two complete checkpoints are kept.
     assert sorted(p.name for p in ckpts.iterdir() if not p.name.endswith(".tmp")) == ["step_000008", "step_000009"]
 
@@ -177,7 +86,7 @@ def test_accumulation_equals_one_big_batch(tiny, tmp_path):
     train(load_config(None, base + [f"train.output_dir={tmp_path / 'k1'}", "train.batch_size=4"]), show_progress=False)
     a = tmp_path / "k2" / "checkpoints" / "step_000002"
     b = tmp_path / "k1" / "checkpoints" / "step_000002"
-    assert _max_diff(load_file(str(a / "unet.safetensors")), load_file(str(b / "unet.safetensors"))) <= 1e-6
+    assert max_diff(load_file(str(a / "unet.safetensors")), load_file(str(b / "unet.safetensors"))) <= 1e-6
     state = json.loads((a / "state.json").read_text())
     # Optimizer, EMA and LR schedule stepped once per optimizer step, not per micro-batch.
     assert state["ema"]["optimization_step"] == 2 and state["lr_schedule"]["last_epoch"] == 2
@@ -200,11 +109,11 @@ def test_two_processes_match_one_process_at_twice_the_batch(tiny, tmp_path):
     train(load_config(None, common + [f"train.output_dir={tmp_path / 'one'}", "train.batch_size=4"]),
           show_progress=False)
     a, b = tmp_path / "two" / "checkpoints" / "step_000003", tmp_path / "one" / "checkpoints" / "step_000003"
-    assert _max_diff(load_file(str(a / "unet.safetensors")), load_file(str(b / "unet.safetensors"))) <= 1e-6
+    assert max_diff(load_file(str(a / "unet.safetensors")), load_file(str(b / "unet.safetensors"))) <= 1e-6
     sa, sb = json.loads((a / "state.json").read_text()), json.loads((b / "state.json").read_text())
     assert sa["world_size"] == 2 and sa["lr_schedule"]["last_epoch"] == sb["lr_schedule"]["last_epoch"] == 3
     assert sorted(p.name for p in a.glob("rng_rank*.safetensors")) == ["rng_rank0.safetensors", "rng_rank1.safetensors"]
-    r0, r1, one = _samples(tmp_path / "two", 0), _samples(tmp_path / "two", 1), _samples(tmp_path / "one")
+    r0, r1, one = samples_of(tmp_path / "two", 0), samples_of(tmp_path / "two", 1), samples_of(tmp_path / "one")
     for step in (1, 2, 3):
         assert set(r0[step][0]).isdisjoint(r1[step][0])  # ranks see different samples (so draw different noise)
         assert r0[step][0] + r1[step][0] == one[step][0]  # together: the 1-process batch, in order
@@ -227,7 +136,7 @@ def test_two_machines_on_loopback_match_one_process(tiny, tmp_path):
                                "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
                                "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
                                "scripts/train_text2img.py", "--config", str(config)],
-                              cwd=ROOT, env={**_env(), "ACCELERATE_USE_CPU": "1"}, stdout=subprocess.PIPE,
+                              cwd=ROOT, env={**script_env(), "ACCELERATE_USE_CPU": "1"}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     logs = [proc.communicate(timeout=400)[0] for proc in procs]
     assert all(proc.returncode == 0 for proc in procs), logs[0][-2000:] + logs[1][-2000:]
@@ -235,8 +144,8 @@ def test_two_machines_on_loopback_match_one_process(tiny, tmp_path):
     train(load_config(None, common + [f"train.output_dir={tmp_path / 'one'}", "train.batch_size=4"]),
           show_progress=False)
     a, b = (tmp_path / n / "checkpoints" / "step_000003" / "unet.safetensors" for n in ("nodes", "one"))
-    assert _max_diff(load_file(str(a)), load_file(str(b))) <= 1e-6
-    r0, r1, one = _samples(tmp_path / "nodes", 0), _samples(tmp_path / "nodes", 1), _samples(tmp_path / "one")
+    assert max_diff(load_file(str(a)), load_file(str(b))) <= 1e-6
+    r0, r1, one = samples_of(tmp_path / "nodes", 0), samples_of(tmp_path / "nodes", 1), samples_of(tmp_path / "one")
     assert all(r0[step][0] + r1[step][0] == one[step][0] for step in (1, 2, 3))
 
 
@@ -319,8 +228,8 @@ def test_validation_with_ema_restores_the_training_weights(tiny, tmp_path):
               show_progress=False)
     a = tmp_path / "v" / "checkpoints" / "step_000003"
     b = tmp_path / "n" / "checkpoints" / "step_000003"
-    assert _max_diff(load_file(str(a / "unet.safetensors")), load_file(str(b / "unet.safetensors"))) == 0.0
-    assert _max_diff(load_file(str(a / "ema.safetensors")), load_file(str(b / "ema.safetensors"))) == 0.0
+    assert max_diff(load_file(str(a / "unet.safetensors")), load_file(str(b / "unet.safetensors"))) == 0.0
+    assert max_diff(load_file(str(a / "ema.safetensors")), load_file(str(b / "ema.safetensors"))) == 0.0
     # and the EMA weights really differ from the training weights (so the swap was not a no-op)
     unet, ema = load_file(str(a / "unet.safetensors")), load_file(str(a / "ema.safetensors"))
     assert (unet["conv_in.weight"] - ema["conv_in.weight"]).abs().max() > 1e-6

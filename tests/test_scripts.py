@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import tiny_overrides
-from test_resume import ROOT, _env
+from helpers import ROOT, script_env
 
 NOPE = "/nonexistent/ldm-test"
 CASES = {
@@ -32,7 +32,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_user_error_exits_2_with_one_message(case):
     script = case.split(" ")[0]
-    proc = subprocess.run([sys.executable, f"scripts/{script}", *CASES[case]], cwd=ROOT, env=_env(),
+    proc = subprocess.run([sys.executable, f"scripts/{script}", *CASES[case]], cwd=ROOT, env=script_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout[-1500:] + proc.stderr[-1500:]
     assert "Traceback" not in proc.stderr and "error:" in proc.stderr
@@ -113,7 +113,7 @@ SITUATIONS = {
 @pytest.mark.parametrize("situation", sorted(SITUATIONS))
 def test_a_bad_situation_exits_2_with_one_message_that_names_it(situation, tiny, tmp_path):
     script, args, expected = SITUATIONS[situation](tmp_path, tiny)
-    proc = subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=ROOT, env=_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=ROOT, env=script_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout[-1500:] + proc.stderr[-1500:]
     assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1 and expected in proc.stderr

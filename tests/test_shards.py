@@ -14,13 +14,13 @@ from safetensors.torch import load_file
 from test_buckets import write_captioned_folder
 
 from conftest import tiny_overrides
+from helpers import ROOT, kill_resume_and_compare, max_diff, script_env
 from ldm.config.data import DataConfig
 from ldm.config.loading import load_config
 from ldm.data.audit import audit
 from ldm.data.shards import write_shards
 from ldm.data.sources import FolderSource, ShardSource, open_source
 from ldm.errors import ConfigError
-from test_resume import ROOT, _env, _max_diff, kill_resume_and_compare
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_webdataset_layout_and_caption_alternatives(tmp_path):
 def test_make_shards_script_and_a_bad_url(folder, tmp_path):
     proc = subprocess.run([sys.executable, "scripts/make_shards.py", "--folder", str(folder), "--out",
                            str(tmp_path / "s"), "--per-shard", "5", "--caption-column", "caption"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "wrote 10 samples in 2 webdataset shard(s)" in proc.stdout
     with pytest.raises(ConfigError, match="could not read the webdataset shards"):
@@ -91,7 +91,7 @@ def test_shards_train_to_the_folders_weights(tiny, write_imagefolder, tmp_path):
               show_progress=False)
     a, b = (load_file(str(tmp_path / n / "checkpoints" / "step_000003" / "unet.safetensors"))
             for n in ("folder", "shards"))
-    assert _max_diff(a, b) == 0.0
+    assert max_diff(a, b) == 0.0
 
 
 @pytest.mark.slow
@@ -133,7 +133,7 @@ def test_streaming_counts_bad_samples_and_replays_by_seed(tiny, folder, tmp_path
     report = json.loads((tmp_path / "a" / "data_audit.json").read_text())
     assert report["went_bad_after_audit"]["shard-000001.tar:000000003"]["reason"] == "truncated image"  # …counted
     a, b = (load_file(str(tmp_path / n / "checkpoints" / "step_000004" / "unet.safetensors")) for n in "ab")
-    assert _max_diff(a, b) == 0.0
+    assert max_diff(a, b) == 0.0
 
 
 def test_streaming_refuses_what_needs_an_index():
@@ -145,7 +145,7 @@ def test_streaming_refuses_what_needs_an_index():
 @pytest.mark.slow
 def test_streaming_processes_read_disjoint_shards_and_resume_exactly(tiny, folder, tmp_path):
     from conftest import write_config
-    from test_resume import train_on_two_processes
+    from helpers import train_on_two_processes
 
     write_shards(folder, tmp_path / "shards", samples_per_shard=3, caption_column="caption")  # 4 shards
     two = tmp_path / "two"

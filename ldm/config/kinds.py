@@ -67,8 +67,8 @@ class LoRAConfig:
     # feed_forward: their MLPs; convolutions: the resnets' 3×3 convolutions; time_embedding: its MLP and
     # the resnets' time projections.
     targets: list[LoRATarget] = field(default_factory=lambda: ["attention"])
-    """`attention` (to_q/k/v/out), `projections` (proj_in/out), `feed_forward`, `convolutions` (resnet 3×3),
-    `time_embedding`"""
+    """`attention` (to_q/k/v/out), `projections` (proj_in/out), `feed_forward`, `convolutions` (the resnets'
+    3 by 3 kernels), `time_embedding`"""
     init: Literal["default", "gaussian"] = "default"  # A: Kaiming-uniform (peft's default) or N(0, 1/rank)
     """A initialised Kaiming-uniform (`default`) or `gaussian`; B is zero, so training starts at the base"""
     # DoRA (Liu et al. 2024): magnitude and direction trained apart. Loads in Diffusers and the fused export;
@@ -115,5 +115,5 @@ class DistillConfig:
     # them where the CPU has bf16 units (AVX-512 bf16 / AMX: 1.46x on the quickstart UNet, Intel Xeon) while the
     # student's forward and backward stay in the run's own precision (bf16 backward is slower on these CPUs).
     frozen_precision: Literal["fp32", "bf16"] = "fp32"
-    """`bf16`: the teacher's and the target's no-grad forwards under bf16 autocast (1.46× on the quickstart UNet on
-    an AVX-512-bf16 Xeon); the student trains in the run's precision"""
+    """`bf16`: the teacher's and the target's no-grad forwards under bf16 autocast (faster where the hardware has bf16
+    units; see the distillation results); the student trains in the run's precision"""

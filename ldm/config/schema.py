@@ -146,7 +146,7 @@ class AutoencoderConfig:
     kl_weight: float = 1e-6
     """weight of the per-pixel KL term"""
     num_validation_images: int = 128
-    """held-out images for PSNR (at most 10 % of the data)"""
+    """held-out images for PSNR (at most a tenth of the data)"""
     seed: int = 0
     """seed"""
 

@@ -14,15 +14,15 @@ import yaml
 from ldm.errors import ConfigError
 
 
-def _describe(tp: Any) -> str:
+def describe_type(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is typing.Union:
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_describe(a) for a in inner) + " or null"
+        return " or ".join(describe_type(a) for a in inner) + " or null"
     if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0])}"
+        return f"a list of {describe_type(typing.get_args(tp)[0])}"
     if dataclasses.is_dataclass(tp):
         return f"a mapping ({tp.__name__})"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
@@ -33,7 +33,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected {_describe(tp)}, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected {describe_type(tp)}, got {value!r}")
         return build(tp, value, key)
     if origin is typing.Union:
         if value is None and type(None) in typing.get_args(tp):
@@ -51,7 +51,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}': expected {_describe(tp)}, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected {describe_type(tp)}, got {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, str):
@@ -67,7 +67,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         str: lambda v: isinstance(v, str),
     }[tp](value)
     if not ok:
-        raise ConfigError(f"config key '{key}': expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"config key '{key}': expected {describe_type(tp)}, got {value!r} ({type(value).__name__})")
     return float(value) if tp is float else value
 
 
