@@ -8,7 +8,7 @@ SD recipe's Hub components (SD VAE, CLIP text encoders) by random weights of the
 machines that cannot download them:
     python scripts/benchmark.py --config configs/sd15-512.yaml --stand-ins data.dataset=shapes
 --sharding-memory N runs the same training under DDP and FSDP (train.sharding), each as a fresh
-`accelerate launch` of N processes, and reports peak memory per process (the README's memory table):
+`accelerate launch` of N processes, and reports peak memory per process (docs/results/long-runs.md):
     python scripts/benchmark.py --config configs/quickstart.yaml --sharding-memory 2 <overrides>
 --teacher and --student time sampling only: the teacher (DPM-Solver++ 20 steps, guidance sample.guidance_scale
 of the config) against its distilled student (lcm, 4 steps, no unconditional pass), back to back:
@@ -16,12 +16,12 @@ of the config) against its distilled student (lcm, 4 steps, no unconditional pas
         --student outputs/quickstart/lcm/pipeline
 --generation times plain Diffusers (StableDiffusionPipeline, fp32, called directly) against ldm.generate(fast=True)
 on the same model, sampler, steps, guidance, batch and seeds, back to back, and with --probe-seeds N scores both on
-the shapes probe (generation.json; the README's inference table):
+the shapes probe (generation.json; docs/results/speed.md):
     python scripts/benchmark.py --config configs/quickstart.yaml --generation outputs/quickstart/text2img/pipeline \
         --probe-seeds 2
 --peer-example runs Diffusers' own training example (examples/text_to_image/train_text_to_image.py of a Diffusers
 checkout; it needs torchvision) and ldm on the same fine-tune of a tiny Stable-Diffusion-layout pipeline, as
-fresh processes, alternated, and writes peer.json and peer.md (the README's peer table):
+fresh processes, alternated, and writes peer.json and peer.md (docs/results/speed.md):
     python scripts/benchmark.py --peer-example ../diffusers/examples/text_to_image/train_text_to_image.py
 """
 

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_overrides
 from ldm.config.loading import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,11 +36,8 @@ def _need(ok: bool, why: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def model(tiny, tmp_path_factory) -> Path:
-    from ldm.training.loop import train
-
-    out = tmp_path_factory.mktemp("app_model")
-    return train(load_config(None, tiny_overrides(tiny, out)), show_progress=False)
+def model(tiny_pipeline) -> Path:
+    return tiny_pipeline
 
 
 @pytest.fixture(scope="module")

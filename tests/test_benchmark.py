@@ -34,7 +34,8 @@ def test_benchmark_times_the_training_loop_and_inference(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_sharding_memory_compares_ddp_and_fsdp_in_fresh_launches(tiny, tmp_path):
-    """The README's memory table: the same run under DDP and FSDP on 2 processes, peak memory of each rank."""
+    """The memory table of docs/results/long-runs.md: the same run under DDP and FSDP on 2 processes, peak memory
+    of each rank."""
     from ldm.evaluation.memory import format_sharding_memory, sharding_memory
 
     root = Path(__file__).resolve().parents[1]

@@ -155,7 +155,7 @@ def _read_metadata(folder: Path, caption_column: str, encoding: str = "utf-8") -
             raise ConfigError(
                 f"data.dataset: folder {str(folder)!r} has no metadata.jsonl or metadata.csv and no caption files; "
                 "add a metadata file with a 'file_name' column and a caption column, or a same-named .txt (or "
-                ".caption) beside each image (see README, 'Your own images')"
+                ".caption) beside each image (see docs/guides/your-data.md)"
             )
         return rows, unreadable
     meta = jsonl if jsonl.is_file() else csv_file

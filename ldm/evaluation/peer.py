@@ -220,7 +220,7 @@ PEER_KINDS = {
 
 def peer_kinds() -> dict[str, list[str]]:
     """The rows for this machine: the two above, and where the CPU has bf16 units (AVX-512 BF16 / AMX) the
-    fast settings the README recommends there, the cache with bf16 autocast. Without bf16 units the fast
+    fast settings the speed guide recommends there, the cache with bf16 autocast. Without bf16 units the fast
     settings are the cache alone (bf16 is emulated, far slower), so no third row is run."""
     kinds = dict(PEER_KINDS)
     if native_bf16("cpu"):

@@ -1,6 +1,6 @@
 """The fast sampling path (`generate(fast=True)`): channels-last, bf16 only where the hardware has it, the text's
 cross-attention keys and values projected once per call, and the UNet and VAE decoder compiled with their weights
-frozen in. `ldm.inference.generate` applies it; the README's generation table measures it."""
+frozen in. `ldm.inference.generate` applies it; docs/results/speed.md measures it."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from typing import Optional
 from safetensors import safe_open
 
 from ldm.config.schema import Config, downsampling_factor
-from ldm.models.loading import is_local
+from ldm.models.loading import is_local, native_size_of
 
 # Config keys that hold paths on this machine: what leaves it says only the folder's name.
 PATH_KEYS = ("model.pretrained", "model.vae.path", "model.text_encoder.path", "model.unet.path", "data.dataset",
@@ -105,7 +105,7 @@ def model_card(folder: str | Path, cfg: Config, repo_id: Optional[str] = None,
     text = json.loads((folder / "text_encoder" / "config.json").read_text())
     name = repo_id or cfg.hub.repo_id or folder.name
     factor = downsampling_factor(vae["block_out_channels"])
-    resolution = unet["sample_size"] * factor
+    resolution = native_size_of(unet, vae)
     base = cfg.model.pretrained
     data = ModelCardData(
         library_name="diffusers", pipeline_tag="text-to-image", license=cfg.hub.license,

@@ -310,6 +310,12 @@ def load_text_encoder(cfg: TextEncoderConfig) -> tuple:
     return tokenizer, encoder.requires_grad_(False).eval()
 
 
+def native_size_of(unet_config, vae_config) -> int:
+    """The side in pixels a pipeline draws by default, from its UNet's and VAE's configs: the UNet's latent size ×
+    the VAE's downsampling factor."""
+    return unet_config["sample_size"] * downsampling_factor(vae_config["block_out_channels"])
+
+
 def native_size(pipe) -> int:
-    """The side in pixels a pipeline draws by default: its UNet's latent size × its VAE's downsampling factor."""
-    return pipe.unet.config.sample_size * downsampling_factor(pipe.vae.config.block_out_channels)
+    """`native_size_of` a loaded pipeline."""
+    return native_size_of(pipe.unet.config, pipe.vae.config)

@@ -6,17 +6,18 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 from ldm.config.loading import save_config
 from ldm.config.schema import Config
 from ldm.inference.pipeline import assemble_pipeline
-from ldm.models.conditions import save_style_adapter
 
 
 def export_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet, scheduler, cfg: Config,
-                    controlnet=None, style_adapter=None, sampler: Optional[str] = None) -> Path:
-    """Write a StableDiffusionPipeline folder that `DiffusionPipeline.from_pretrained` loads.
+                    controlnet=None, sampler: Optional[str] = None,
+                    also: Sequence[Callable[[Path], None]] = ()) -> Path:
+    """Write a StableDiffusionPipeline folder that `DiffusionPipeline.from_pretrained` loads; each of `also`
+    writes what the kind adds into the folder (a style adapter's weights).
 
     Written to a temporary sibling and renamed into place, so a crash never leaves a half pipeline
     where a complete one is expected. The resolved config travels with it (`ldm_config.yaml`).
@@ -27,8 +28,8 @@ def export_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet, sche
                                  controlnet=controlnet)
         pipe.save_pretrained(tmp, safe_serialization=True)
         save_config(cfg, tmp / "ldm_config.yaml")
-        if style_adapter is not None:
-            save_style_adapter(style_adapter, tmp)
+        for write in also:
+            write(tmp)
     return folder
 
 

@@ -16,6 +16,7 @@ from ldm.inference.modes import Style
 from ldm.inference.pipeline import assemble_pipeline
 from ldm.models.conditions import (
     build_style_adapter,
+    save_style_adapter,
     style_processor,
     style_reference,
 )
@@ -67,4 +68,4 @@ class StyleAdapter(Trainable):
 
     def export(self, folder, vae, text_encoder, tokenizer, scheduler, cfg, text_state=None):
         return export_pipeline(folder, vae, text_encoder, tokenizer, self._load_plain_unet(), scheduler, cfg,
-                               style_adapter=self.adapter)
+                               also=[lambda tmp: save_style_adapter(self.adapter, tmp)])
