@@ -161,6 +161,7 @@ def test_probes_score_img2img_and_sketches(text_model, sketch_model):
     assert np.asarray(grids[0][1][0]).max() == 255  # the sketch: white lines on black
 
 
+@pytest.mark.slow
 def test_generate_script_takes_an_init_image_and_a_sketch(text_model, sketch_model, tmp_path):
     from ldm.evaluation.probes import saved_holdout
     from ldm.models.conditions import sketch_image
@@ -269,6 +270,7 @@ def test_style_probe_and_generate_script(style_model, tmp_path):
     assert read_png_params(tmp_path / "out" / "0000_seed0.png")["style_scale"] == 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("condition", ["sketch", "style"])
 def test_conditions_train_on_two_processes(condition, text_model, style_model, tmp_path):
     """accelerate launch, 2 CPU processes (gloo): the ControlNet / the adapter end identical on both ranks."""

@@ -278,6 +278,7 @@ def test_plain_diffusers_samples_the_export_as_ldm_generate_with_lcm(student):
         assert np.array_equal(np.asarray(a.image), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_distillation_resumes_exactly_after_sigkill(teacher, tmp_path):
     run = ["train.max_steps=6", "train.gradient_accumulation_steps=2", "train.ema_decay=0.9"]
     kill_resume_and_compare(tmp_path, lambda out: _distill_overrides(teacher, out, *run),

@@ -24,6 +24,7 @@ def _first_losses(tiny, out: Path, *extra: str) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_bf16_autocast_gives_the_fp32_loss_on_a_fixed_batch(tiny, tmp_path):
     fp32 = _first_losses(tiny, tmp_path / "fp32")
     bf16 = _first_losses(tiny, tmp_path / "bf16", "train.mixed_precision=bf16")
@@ -36,6 +37,7 @@ def test_bf16_autocast_gives_the_fp32_loss_on_a_fixed_batch(tiny, tmp_path):
         assert abs(a - b) <= 3 * BF16_REL_TOLERANCE * a, (fp32, bf16)
 
 
+@pytest.mark.slow
 def test_channels_last_loss_equals_fp32_contiguous(tiny, tmp_path):
     plain = _first_losses(tiny, tmp_path / "plain")
     nhwc = _first_losses(tiny, tmp_path / "nhwc", "train.channels_last=true")

@@ -114,6 +114,7 @@ def test_lora_training_changes_no_base_weight(tiny, base, tmp_path):
     assert any(not torch.equal(after[n], v) for n, v in lora_before.items())
 
 
+@pytest.mark.slow
 def test_lora_resumes_exactly_after_sigkill(base, tmp_path):
     run = ["train.max_steps=6", "train.gradient_accumulation_steps=2", "train.lr_scheduler=cosine",
            "train.lr_warmup_steps=1"]
@@ -121,6 +122,7 @@ def test_lora_resumes_exactly_after_sigkill(base, tmp_path):
                             ("lora.safetensors", "ema.safetensors"))
 
 
+@pytest.mark.slow
 def test_lora_two_processes_match_one(base, tmp_path):
     from ldm.training.loop import train
 

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import nbclient
 import nbformat
+import pytest
 
 from conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs_top_to_bottom(tiny, tmp_path):
     nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))

@@ -40,6 +40,7 @@ def uninterrupted(tiny, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigkill_mid_epoch(tiny, tmp_path, uninterrupted):
     out = tmp_path / "killed"
     config = write_config(tmp_path / "run.yaml", tiny_overrides(tiny, out) + RUN)
@@ -59,6 +60,7 @@ def test_exact_resume_after_sigkill_mid_epoch(tiny, tmp_path, uninterrupted):
         assert resumed[step][-2:] == ref[step], step  # the last two micro-batches written for each step
 
 
+@pytest.mark.slow
 def test_sigkill_while_checkpoint_is_written(tiny, tmp_path, uninterrupted):
     out = tmp_path / "killed-in-save"
     config = write_config(tmp_path / "run.yaml", tiny_overrides(tiny, out) + RUN)
@@ -93,6 +95,7 @@ def test_accumulation_equals_one_big_batch(tiny, tmp_path):
     assert state["micro_step"] == 4
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_at_twice_the_batch(tiny, tmp_path):
     """accelerate launch, 2 CPU processes (gloo): identical ranks, different samples, one LR schedule."""
     # adam_epsilon 1e-4: DDP's all-reduce sums gradients in another order than one big batch (fp32 noise ~1e-7

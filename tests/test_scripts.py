@@ -10,6 +10,9 @@ import pytest
 from conftest import tiny_overrides
 from helpers import ROOT, script_env
 
+# Every test here runs scripts in fresh processes (each imports torch and Diffusers): part of the full suite only.
+pytestmark = pytest.mark.slow
+
 NOPE = "/nonexistent/ldm-test"
 CASES = {
     "train_text2img.py": ["--config", f"{NOPE}.yaml"],

@@ -134,6 +134,7 @@ def test_export_rejects_an_unknown_precision(quickstart, tmp_path):
         export_single_file(quickstart[0], tmp_path / "x.safetensors", "fp8")
 
 
+@pytest.mark.slow
 def test_scripts_export_import_and_generate_from_the_file(quickstart, tmp_path):
     import os
     import subprocess

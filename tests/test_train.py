@@ -229,6 +229,7 @@ def test_xformers_without_xformers_is_a_config_error(tiny, tmp_path):
         train(load_config(None, tiny_overrides(tiny, tmp_path) + ["train.attention=xformers"]), show_progress=False)
 
 
+@pytest.mark.slow
 def test_evaluate_script_sweeps_samplers_and_guidance(trained, tmp_path):
     out = tmp_path / "eval"
     stdout = _run(["scripts/evaluate.py", "--model", str(trained), "--validation-images", "16",
