@@ -10,6 +10,7 @@ scripts' exit status in test_scripts.py.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -650,3 +651,41 @@ def test_the_command_line_builds_one_mode_and_refuses_two():
         mode_of(init_image=picture, sketch=picture)
     with pytest.raises(ConfigError, match=r"style_scale \(--style-scale\) -1: must be ≥ 0"):
         Style(picture, -1).check(20)
+
+
+@pytest.mark.parametrize("override, key", [("train.lr=inf", "train.lr"), ("model.scheduler.beta_end=nan",
+                                                                            "model.scheduler.beta_end"),
+                                           ("train.snr_gamma=-inf", "train.snr_gamma")])
+def test_a_non_finite_number_in_the_config_names_its_key(override, key):
+    with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}': .* is not a finite number"):
+        load_config(None, [override])
+    load_config(None, ["train.lr=1e-4", "train.snr_gamma=5.0"])  # negative control: finite values load
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_anything_loads(tiny, tmp_path):
+    from ldm.training.loop import train
+
+    (tmp_path / "afile").write_text("not a folder")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        with pytest.raises(ConfigError, match=r"train.output_dir: .* cannot be a folder: .*afile is a file"):
+            train(load_config(None, tiny_overrides(tiny, out)), show_progress=False)
+    assert (tmp_path / "afile").read_text() == "not a folder"
+
+
+def test_non_finite_weights_at_the_end_stop_with_a_message_not_a_checksum_mismatch():
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
+
+    from ldm.training.finish import NonFiniteError, check_ranks_agree
+    from ldm.training.trainables.base import Trainable
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                norm_num_groups=8, cross_attention_dim=8, attention_head_dim=2, sample_size=8)
+    trainable, accelerator = Trainable(load_config(None, []), unet), Accelerator(cpu=True)
+    check_ranks_agree(accelerator, trainable)  # negative control: finite weights pass
+    with torch.no_grad():
+        next(iter(unet.parameters())).fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="weights are not finite at the end of the run"):
+        check_ranks_agree(accelerator, trainable)

@@ -214,3 +214,59 @@ def test_fine_tuning_an_exported_pipeline_from_its_folder(exported, tmp_path):
     assert 0 < change < 1e-3  # two Adam steps of 1e-4 from the exported weights, not a fresh UNet
     assert torch.equal(load_file(exported / "vae" / "diffusion_pytorch_model.safetensors")["encoder.conv_in.weight"],
                        load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")["encoder.conv_in.weight"])
+
+
+def _local_strings(folder: Path, markers: tuple[str, ...]) -> dict[str, list[str]]:
+    """Every file under `folder` that mentions one of `markers` (local paths): in its text, or in a safetensors
+    file's metadata."""
+    from safetensors import safe_open
+
+    found: dict[str, list[str]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                texts = [f"{k}={v}" for k, v in (f.metadata() or {}).items()]
+        elif path.suffix in (".json", ".yaml", ".md", ".txt"):
+            texts = [path.read_text(errors="replace")]
+        else:
+            continue
+        hits = [t[:120] for t in texts if any(m in t for m in markers)]
+        if hits:
+            found[str(path.relative_to(folder))] = hits
+    return found
+
+
+def test_nothing_local_leaves_in_any_uploaded_file_metadata_included(exported, tmp_path):
+    """The kohya LoRA named its base pipeline's local path in `ss_sd_model_name`, and a single file carries its
+    components' configs with their `_name_or_path`: staging for upload keeps every tensor and drops the paths."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from ldm.inference.pipeline import load_pipeline
+    from ldm.interop.hub import stage_upload, upload_plan
+    from ldm.interop.single_file import export_single_file
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(exported, folder)
+    base = tmp_path / "my-private-base"
+    base.mkdir()
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.ones(2, 4)},
+              str(folder / "lora_kohya.safetensors"),
+              metadata={"ss_sd_model_name": str(base), "ss_network_dim": "2", "modelspec.title": "lora_kohya",
+                        "modelspec.architecture": "stable-diffusion-v1/lora"})
+    export_single_file(load_pipeline(folder), folder / "model.safetensors")
+    markers = (str(tmp_path), str(exported.parent))
+    planted = _local_strings(folder, markers)
+    assert "lora_kohya.safetensors" in planted  # negative control: the check sees a local path where one is
+    files, refused = upload_plan(folder)
+    assert {"lora_kohya.safetensors", "model.safetensors"} <= set(files) and not refused
+    staged = stage_upload(folder, files)
+    assert _local_strings(staged, markers) == {}
+    for name in ("lora_kohya.safetensors", "model.safetensors"):
+        before, after = load_file(str(folder / name)), load_file(str(staged / name))
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    from safetensors import safe_open
+
+    with safe_open(str(staged / "lora_kohya.safetensors"), "pt") as f:
+        assert f.metadata()["ss_sd_model_name"] == "<local>/my-private-base"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from ldm.config.schema import Config
 from ldm.errors import ConfigError
 from ldm.shapes import parse_holdout
@@ -15,6 +18,7 @@ def _require(cond: bool, key: str, message: str) -> None:
 def check_config(cfg: Config) -> None:
     """Every check of a loaded config, section by section; the first failure raises a ConfigError that names
     the key and the fix."""
+    _check_finite(cfg)
     _check_counts(cfg)
     _check_model(cfg)
     _check_training(cfg)
@@ -26,6 +30,18 @@ def check_config(cfg: Config) -> None:
     _check_hub(cfg)
     _check_data_path(cfg)
     _check_processes_and_stage_1(cfg)
+
+
+def _check_finite(node, prefix: str = "") -> None:
+    """Every number of the config is finite: `inf` or `nan` (which YAML and the command line both accept) would
+    pass a range check like `train.lr > 0` and only show up as non-finite weights."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"config key '{key}': {item} is not a finite number; give a finite value")
 
 
 def _check_counts(cfg: Config) -> None:

@@ -11,9 +11,11 @@ or prints it.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shutil
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from typing import Callable, Optional
 
 from ldm.config.loading import load_config, save_config
 from ldm.errors import ConfigError
-from ldm.interop.model_card import _public_json, is_model_file, public_config
+from ldm.interop.model_card import is_model_file, public_config, public_json, public_metadata
 
 # Paths relative to the pipeline folder; `*` never crosses a `/`.
 ALLOW_PATTERNS = (
@@ -75,7 +77,8 @@ def upload_plan(folder: str | Path) -> tuple[list[str], list[str]]:
 
 def stage_upload(folder: Path, files: list[str]) -> Path:
     """What goes up, in a sibling folder: the allow-listed files (hard links, no copy), with local paths
-    reduced to folder names in ldm_config.yaml and the component configs' `_name_or_path`."""
+    reduced to folder names in ldm_config.yaml, the component configs' `_name_or_path` and the metadata of
+    every safetensors file."""
     folder = Path(folder)
     staged = folder.with_name(f".{folder.name}.upload")
     shutil.rmtree(staged, ignore_errors=True)
@@ -85,13 +88,34 @@ def stage_upload(folder: Path, files: list[str]) -> Path:
         if name == "ldm_config.yaml":
             save_config(public_config(load_config(source)), target)
         elif name.endswith("config.json") and "/" in name:
-            target.write_text(_public_json(source.read_text()))
+            target.write_text(public_json(source.read_text()))
+        elif name.endswith(".safetensors") and _write_public_safetensors(source, target):
+            pass
         else:
             try:
                 os.link(source, target)
             except OSError:  # another file system: copy
                 shutil.copy2(source, target)
     return staged
+
+
+def _write_public_safetensors(source: Path, target: Path) -> bool:
+    """When `source`'s metadata names anything local, write `target` with that metadata made public (the header
+    rewritten, the tensor bytes copied as they are); False when there is nothing to change."""
+    with source.open("rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+        meta = header.get("__metadata__") or {}
+        public = public_metadata(meta)
+        if public == meta:
+            return False
+        header["__metadata__"] = public
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data keeps its 8-byte alignment
+        with target.open("wb") as out:
+            out.write(struct.pack("<Q", len(text)) + text)
+            shutil.copyfileobj(f, out)
+    return True
 
 
 @dataclass

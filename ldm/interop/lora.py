@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from ldm.config.kinds import LoRAConfig
 from ldm.errors import ConfigError
+from ldm.interop.model_card import public_name
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name `load_lora_weights(folder)` looks for
 
@@ -130,7 +131,7 @@ def save_kohya_lora(path: Path, state: dict[str, torch.Tensor], cfg: LoRAConfig,
         "modelspec.implementation": "diffusers", "modelspec.title": Path(path).stem,
     }
     if base_model:
-        meta["ss_sd_model_name"] = str(base_model)
+        meta["ss_sd_model_name"] = public_name(str(base_model))  # a file people share: no local path in it
     if resolution:
         meta["ss_resolution"] = f"({resolution}, {resolution})"
         meta["modelspec.resolution"] = f"{resolution}x{resolution}"

@@ -21,6 +21,11 @@ def _local_name(value: str) -> str:
     return f"<local>/{Path(value).name}"
 
 
+def public_name(value: str) -> str:
+    """A Hub id as it is; a local path reduced to `<local>/<folder name>` (nothing about this machine leaves it)."""
+    return _local_name(value) if is_local(value) else value
+
+
 def public_config(cfg: Config) -> Config:
     """A copy of `cfg` whose local paths are reduced to `<local>/<folder name>` (Hub ids and the shapes
     dataset stay as they are), for the model card and the uploaded `ldm_config.yaml`."""
@@ -39,17 +44,42 @@ def public_config(cfg: Config) -> Config:
     return cfg
 
 
-def _public_json(text: str) -> str:
-    """A component config with Diffusers' / Transformers' `_name_or_path` (where it was loaded from) reduced to
-    the folder name when it is a local path."""
+def _public_tree(conf):
+    """A parsed JSON value with every `_name_or_path` (where a component was loaded from) that is a local path
+    reduced to its folder name, at any depth."""
+    if isinstance(conf, dict):
+        return {k: (_local_name(v) if k in ("_name_or_path", "name_or_path") and isinstance(v, str) and v
+                    and is_local(v) else _public_tree(v)) for k, v in conf.items()}
+    if isinstance(conf, list):
+        return [_public_tree(v) for v in conf]
+    return conf
+
+
+def public_json(text: str) -> str:
+    """A component config with Diffusers' / Transformers' `_name_or_path` reduced to the folder name when it is a
+    local path."""
     import json
 
-    conf = json.loads(text)
-    if isinstance(conf, dict):
-        for key in ("_name_or_path", "name_or_path"):
-            if isinstance(conf.get(key), str) and conf[key] and is_local(conf[key]):
-                conf[key] = _local_name(conf[key])
-    return json.dumps(conf, indent=2, sort_keys=True) + "\n"
+    return json.dumps(_public_tree(json.loads(text)), indent=2, sort_keys=True) + "\n"
+
+
+def public_metadata(meta: dict[str, str]) -> dict[str, str]:
+    """A safetensors file's metadata with nothing local left: a value that is a local path becomes its folder
+    name; a JSON value (a component config) loses its local `_name_or_path`."""
+    import json
+
+    public = {}
+    for key, value in meta.items():
+        try:
+            parsed = json.loads(value)
+        except (ValueError, TypeError):
+            parsed = None
+        if isinstance(parsed, (dict, list)):
+            cleaned = _public_tree(parsed)
+            public[key] = value if cleaned == parsed else json.dumps(cleaned)
+        else:
+            public[key] = public_name(value) if isinstance(value, str) and value else value
+    return public
 
 
 def count_parameters(weights: Path) -> int:

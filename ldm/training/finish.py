@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.config.schema import Config
+from ldm.errors import UserError
 from ldm.interop.hub import BackgroundPublisher, publish
 from ldm.interop.model_card import write_model_card
 from ldm.models.encoders import FrozenEncoders
@@ -29,6 +30,10 @@ from ldm.training.validation import ema_weights, log_validation_loss, validate
 # here once in a full test run, after every file was written). The scripts end such runs with
 # `os._exit` once output is flushed (ldm.cli.run_script), so these are never torn down.
 _KEPT_UNTIL_EXIT: list = []
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """Training stopped on non-finite losses, gradients or weights (the message names the settings to change)."""
 
 
 class Progress:
@@ -132,6 +137,10 @@ def check_ranks_agree(accelerator, trainable: Trainable) -> None:
     weights are summed over their shards: every process gets the whole sum)."""
     checksum = torch.stack([full(p.detach().double().sum()) for p in trainable.parameters()]).sum().reshape(1)
     sums = accelerator.gather(checksum.to(accelerator.device))
+    if not torch.isfinite(sums).all():
+        raise NonFiniteError(f"the trained {trainable.label} weights are not finite at the end of the run, so nothing "
+                             "was exported; lower train.lr, keep train.max_grad_norm on, keep the VAE in float32, or "
+                             "set train.nonfinite=stop to stop at the first non-finite step")
     if not torch.all(sums == sums[0]):
         raise RuntimeError(f"processes ended with different weights (checksums {sums.tolist()})")
     accelerator.print(f"final weights agree on {accelerator.num_processes} process(es): checksum {sums[0].item():.10e}")

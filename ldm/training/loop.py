@@ -21,11 +21,10 @@ from ldm.data.cache import EncodedDataset
 from ldm.data.shards import StreamingShards
 from ldm.data.stream import SampleStream, StreamBatches
 from ldm.diffusion import SampleDraws, draw_samples
-from ldm.errors import UserError
 from ldm.models.building import unet_flops_per_image, unet_kwargs
 from ldm.models.encoders import FrozenEncoders, encode_prompts, latent_distribution
 from ldm.models.loading import TextEncoderInfo, VAEInfo
-from ldm.training.finish import Progress, checkpoint, finish, validate_now
+from ldm.training.finish import NonFiniteError, Progress, checkpoint, finish, validate_now
 from ldm.training.setup import (
     Optimisation,
     Run,
@@ -38,10 +37,6 @@ from ldm.training.setup import (
 )
 from ldm.training.sharding import full
 from ldm.training.trainables.base import Trainable
-
-
-class NonFiniteError(UserError, FloatingPointError):
-    """Training stopped on non-finite losses or gradients (the message names the settings to change)."""
 
 
 def train(cfg: Config, show_progress: bool = True, on_step: Optional[Callable[[int], None]] = None) -> Path:

@@ -78,6 +78,10 @@ def _inside(path: Optional[str], folder: Path) -> bool:
 def claim_output_dir(cfg: Config, out: Path, resuming: bool, overwrite: bool, main: bool = True) -> None:
     """Refuse (or, with `overwrite`, clear) a used folder for a fresh run; refuse components read from the
     parts of `out` the run replaces. Call before anything is written or loaded."""
+    blocking = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ConfigError(f"train.output_dir: {out} cannot be a folder: {blocking} is a file; choose another "
+                          "train.output_dir")
     m = cfg.model
     replaced = [out / name for name in (*EXPORT_FOLDERS, "checkpoints")]
     for key, path in (("model.pretrained", m.pretrained), ("model.unet.path", m.unet.path),
