@@ -689,3 +689,43 @@ def test_non_finite_weights_at_the_end_stop_with_a_message_not_a_checksum_mismat
         next(iter(unet.parameters())).fill_(float("nan"))
     with pytest.raises(NonFiniteError, match="weights are not finite at the end of the run"):
         check_ranks_agree(accelerator, trainable)
+
+
+def _model_files(folder: Path) -> dict[str, Path]:
+    """A valid safetensors file and the ways a file given as a model or LoRA goes wrong."""
+    from safetensors.torch import save_file
+
+    files = {"valid": folder / "valid.safetensors", "pickle": folder / "pickle.safetensors",
+             "cut": folder / "cut.safetensors", "random": folder / "random.safetensors",
+             "empty": folder / "empty.safetensors", "html": folder / "page.safetensors"}
+    save_file({"w": torch.zeros(64)}, str(files["valid"]), metadata={"ldm.format": "1"})
+    torch.save({"w": torch.zeros(4)}, files["pickle"])
+    files["cut"].write_bytes(files["valid"].read_bytes()[:-50])
+    files["random"].write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    files["empty"].write_bytes(b"")
+    files["html"].write_bytes(b"<!DOCTYPE html><html><body>Sign in to download</body></html>" + b" " * 64)
+    return files
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("pickle", "a PyTorch checkpoint .* safetensors files only"), ("cut", r"cut short \(\d[\d,]* of \d[\d,]* bytes\)"),
+    ("random", "not a safetensors file"), ("empty", r"empty or cut short \(0 bytes\)"),
+    ("html", "a web page .* the download may have failed"), ("missing", "no such file")])
+def test_a_model_file_from_elsewhere_is_named_for_what_it_is(kind, message, tmp_path):
+    from ldm.interop.model_files import ModelFileError, check_safetensors
+
+    files = _model_files(tmp_path)
+    assert check_safetensors(files["valid"], "--model") == {"ldm.format": "1"}  # negative control
+    with pytest.raises(ModelFileError, match=message):
+        check_safetensors(files.get(kind, tmp_path / "missing.safetensors"), "--model")
+
+
+def test_generate_refuses_a_damaged_model_or_lora_file_before_loading_it(tmp_path, tiny_pipeline):
+    from ldm.inference.generate import generate
+    from ldm.interop.model_files import ModelFileError
+
+    files = _model_files(tmp_path)
+    with pytest.raises(ModelFileError, match="model file .*pickle.safetensors.*: a PyTorch checkpoint"):
+        generate(files["pickle"], ["a red circle"], num_inference_steps=1)
+    with pytest.raises(ModelFileError, match="LoRA .*cut.safetensors.*: cut short"):
+        generate(tiny_pipeline, ["a red circle"], num_inference_steps=1, loras=[str(files["cut"])])

@@ -94,6 +94,25 @@ def _checkpoint_published(tmp, tiny):
     return "publish.py", ["--model", str(tmp / "step_000002"), "--repo-id", "me/m", "--dry-run"], "training checkpoint"
 
 
+def _pickle_as_model(tmp, tiny):
+    import torch
+
+    torch.save({"unet": torch.zeros(4)}, tmp / "model.safetensors")  # a pickle under a safetensors name
+    return "generate.py", ["--model", str(tmp / "model.safetensors"), "--prompt", "x", "--out", str(tmp / "o")], \
+        "a PyTorch checkpoint"
+
+
+def _cut_short_single_file(tmp, tiny):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(256)}, str(tmp / "whole.safetensors"))
+    data = (tmp / "whole.safetensors").read_bytes()
+    (tmp / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    return "single_file.py", ["import", "--file", str(tmp / "cut.safetensors"), "--out", str(tmp / "pipe")], \
+        "cut short"
+
+
 SITUATIONS = {
     "a fresh run into a used output_dir": _used_output_dir,
     "a YAML section given twice": _repeated_section,
@@ -110,6 +129,10 @@ SITUATIONS = {
     "generate --prompts-file that does not exist": lambda tmp, tiny: ("generate.py", [
         "--model", NOPE, "--prompts-file", f"{NOPE}.txt"], "--prompts-file"),
     "publish a checkpoint folder": _checkpoint_published,
+    "generate --model a pickle named .safetensors": _pickle_as_model,
+    "generate --model a missing .safetensors": lambda tmp, tiny: ("generate.py", [
+        "--model", f"{NOPE}.safetensors", "--prompt", "x", "--out", str(tmp / "o")], "no such file"),
+    "single_file.py import of a file cut short": _cut_short_single_file,
 }
 
 

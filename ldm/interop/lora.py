@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from ldm.config.kinds import LoRAConfig
 from ldm.errors import ConfigError
 from ldm.interop.model_card import public_name
+from ldm.interop.model_files import check_safetensors
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name `load_lora_weights(folder)` looks for
 
@@ -232,6 +233,7 @@ def parse_lora(spec: LoRASpec) -> tuple[str, float]:
 def _split(path: str) -> tuple[str, Optional[str]]:
     p = Path(path)
     if p.is_file():
+        check_safetensors(p, "LoRA")  # a pickle, a damaged or cut-short file: refused before Diffusers reads it
         return str(p.parent), p.name
     if (p / "lora" / DIFFUSERS_FILE).is_file():  # a LoRA run's train.output_dir
         p = p / "lora"

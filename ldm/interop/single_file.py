@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ldm.interop.model_files import check_safetensors
 from ldm.models.loading import native_size
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
@@ -231,9 +232,7 @@ def load_single_file(path: str | Path, torch_dtype: Optional[torch.dtype] = None
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"single file {str(path)!r} does not exist")
-    meta = read_metadata(path)
+    meta = check_safetensors(path, "model file")  # missing, cut short or not safetensors: one message, no traceback
     if "ldm.unet_config" not in meta:
         return StableDiffusionPipeline.from_single_file(str(path), torch_dtype=torch_dtype)
     unet_config, vae_config = json.loads(meta["ldm.unet_config"]), json.loads(meta["ldm.vae_config"])
